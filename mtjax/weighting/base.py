@@ -1,0 +1,92 @@
+"""The weighting-method contract and the tree helpers every method shares.
+
+A method is a pair of pure functions, in the style of an optax ``GradientTransformation``:
+
+    state = method.init(num_tasks)
+    combined, state, weights = method.update(task_grads, state, *, losses, key)
+
+``task_grads`` is any pytree whose leaves carry a leading task axis ``T`` (a plain ``(T, D)``
+Jacobian works), or ``None`` for loss-level methods called by the train step, in which case
+``combined`` is ``None`` and the train step back-propagates ``Σ_t weights_t L_t``.
+``weights`` has shape ``(T,)``: the effective task weights, for logging (NaN where a method has
+none). ``level`` is one of ``"loss"``, ``"gradient"``, ``"meta"``.
+"""
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+LEVELS = ("loss", "gradient", "meta")
+
+
+class Method(NamedTuple):
+  """A task-balancing method: pure ``init``/``update`` and the information ``level`` it needs."""
+
+  init: Callable[[int], Any]
+  update: Callable[..., tuple[Any, Any, jax.Array]]
+  level: str
+
+
+class EmptyState(NamedTuple):
+  """State of a method that keeps none."""
+
+
+def num_tasks_of(task_grads) -> int:
+  """The size of the leading task axis shared by every leaf of ``task_grads``."""
+  leaves = jax.tree_util.tree_leaves(task_grads)
+  if not leaves:
+    raise ValueError("task_grads: expected a pytree with at least one array leaf, got none")
+  sizes = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError(
+        "task_grads: every leaf must carry the same leading task axis T, got leading sizes "
+        f"{sorted(str(s) for s in sizes)}")
+  return sizes.pop()
+
+
+def gram(task_grads) -> jax.Array:
+  """The ``(T, T)`` Gram matrix ``G_ij = <g_i, g_j>``, in float32, summed leaf by leaf."""
+  def leaf_gram(g):
+    g = g.reshape(g.shape[0], -1).astype(jnp.float32)
+    return jnp.einsum("id,jd->ij", g, g, precision=jax.lax.Precision.HIGHEST)
+  return sum(leaf_gram(g) for g in jax.tree_util.tree_leaves(task_grads))
+
+
+def weighted_sum(task_grads, weights: jax.Array):
+  """``Σ_t weights_t g_t``, leaf by leaf; the task axis is removed. Keeps each leaf's dtype."""
+  weights = jnp.asarray(weights, jnp.float32)
+  def leaf_sum(g):
+    out = jnp.tensordot(weights, g.astype(jnp.float32), axes=(0, 0),
+                        precision=jax.lax.Precision.HIGHEST)
+    return out.astype(g.dtype)
+  return jax.tree_util.tree_map(leaf_sum, task_grads)
+
+
+def tree_map_tasks(fn, task_grads):
+  """Applies ``fn`` to each task's flat gradient: ``fn`` maps ``(T, D)`` to ``(T, D)``.
+
+  For element-wise or per-task-vector rules (GradDrop, PCGrad written on vectors) that need the
+  flat vectors; most methods only need :func:`gram` and :func:`weighted_sum`.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(task_grads)
+  num_tasks = num_tasks_of(task_grads)
+  flat = jnp.concatenate([l.reshape(num_tasks, -1).astype(jnp.float32) for l in leaves], axis=1)
+  out = fn(flat)
+  pieces, start = [], 0
+  for leaf in leaves:
+    size = leaf[0].size
+    pieces.append(out[:, start:start + size].reshape(leaf.shape).astype(leaf.dtype))
+    start += size
+  return jax.tree_util.tree_unflatten(treedef, pieces)
+
+
+def combine_or_none(task_grads, weights: jax.Array):
+  """``weighted_sum`` for a loss-level method, or ``None`` when called with losses only."""
+  return None if task_grads is None else weighted_sum(task_grads, weights)
+
+
+def safe_norm(x: jax.Array, axis=-1, eps: float = 1e-12) -> jax.Array:
+  """Euclidean norm whose value and gradient stay finite at zero."""
+  sq = jnp.sum(jnp.square(x), axis=axis)
+  return jnp.where(sq > eps * eps, jnp.sqrt(jnp.where(sq > eps * eps, sq, 1.0)), 0.0)
