@@ -7,11 +7,14 @@
 
 import inspect
 
-from mtjax.weighting import loss_weighting
+from mtjax.weighting import gradient_surgery, gradient_weighting, loss_weighting, multi_objective
 from mtjax.weighting.base import LEVELS, EmptyState, Method, gram, weighted_sum
 
 _REGISTRY = {
     **loss_weighting.METHODS,
+    **gradient_weighting.METHODS,
+    **multi_objective.METHODS,
+    **gradient_surgery.METHODS,
 }
 
 

@@ -2,17 +2,20 @@
 
 A method is a pair of pure functions, in the style of an optax ``GradientTransformation``:
 
-    state = method.init(num_tasks)
+    state = method.init(num_tasks, grads_like=None)
     combined, state, weights = method.update(task_grads, state, *, losses, key)
 
 ``task_grads`` is any pytree whose leaves carry a leading task axis ``T`` (a plain ``(T, D)``
 Jacobian works), or ``None`` for loss-level methods called by the train step, in which case
 ``combined`` is ``None`` and the train step back-propagates ``Σ_t weights_t L_t``.
 ``weights`` has shape ``(T,)``: the effective task weights, for logging (NaN where a method has
-none). ``level`` is one of ``"loss"``, ``"gradient"``, ``"meta"``.
+none). ``grads_like`` is an optional pytree shaped like one task's gradient (no task axis); the
+train step always passes it, and methods that keep per-task gradient statistics (MoCo, DB-MTL)
+need it. ``level`` is one of ``"loss"``, ``"gradient"``, ``"meta"``.
 """
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +26,7 @@ LEVELS = ("loss", "gradient", "meta")
 class Method(NamedTuple):
   """A task-balancing method: pure ``init``/``update`` and the information ``level`` it needs."""
 
-  init: Callable[[int], Any]
+  init: Callable[..., Any]
   update: Callable[..., tuple[Any, Any, jax.Array]]
   level: str
 
@@ -71,7 +74,7 @@ def tree_map_tasks(fn, task_grads):
   """
   leaves, treedef = jax.tree_util.tree_flatten(task_grads)
   num_tasks = num_tasks_of(task_grads)
-  flat = jnp.concatenate([l.reshape(num_tasks, -1).astype(jnp.float32) for l in leaves], axis=1)
+  flat = jnp.concatenate([x.reshape(num_tasks, -1).astype(jnp.float32) for x in leaves], axis=1)
   out = fn(flat)
   pieces, start = [], 0
   for leaf in leaves:

@@ -7,8 +7,8 @@ from mtjax.weighting.base import EmptyState, Method, combine_or_none
 
 def ew() -> Method:
   """Equal weighting (linear scalarisation): ``L = Σ_t L_t``, every weight 1."""
-  def init(num_tasks):
-    del num_tasks
+  def init(num_tasks, grads_like=None):
+    del num_tasks, grads_like
     return EmptyState()
 
   def update(task_grads, state, *, losses, key=None):
@@ -21,7 +21,8 @@ def ew() -> Method:
 
 def fixed(weights=None) -> Method:
   """Fixed task weights ``L = Σ_t λ_t L_t``; ``weights=None`` means all ones (equal weights)."""
-  def init(num_tasks):
+  def init(num_tasks, grads_like=None):
+    del grads_like
     if weights is not None and len(weights) != num_tasks:
       raise ValueError(f"fixed: 'weights' has {len(weights)} entries, expected one per task "
                        f"({num_tasks})")
