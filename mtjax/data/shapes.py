@@ -14,7 +14,10 @@ Conventions:
     contract as real datasets with holes);
   * camera coordinates follow OpenCV: x right, y down, z forward; ``depth`` is the camera-space
     z of the hit point (not the ray length) and ``normals`` are unit vectors in these
-    coordinates (a surface facing the camera has normal z < 0);
+    coordinates (every visible surface faces the camera: n . P < 0 at its camera-space point P);
+  * camera height 3.0-3.6, pitch 34-40 degrees down, vertical field of view 45 degrees (see
+    ``focal_length``); objects 0.45-0.85 in radius / half-size, 3.5-9 ahead (about 9-28 px wide
+    at 64x64); the class and the HSV colour are drawn independently;
   * ``image`` is quantised to multiples of 1/255, so storing it as uint8 is lossless.
 """
 
