@@ -1,0 +1,137 @@
+"""Random loss weighting (Lin et al., 2022)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtjax import weighting
+
+KEY = jax.random.PRNGKey(0)
+NAME = "rlw"
+
+
+# --- contract checks shared by the weighting tests (same block in each test_<method>.py) ---
+
+def _cases(d=16):
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(1), 3)
+  a, b, c = (jax.random.normal(k, (d,)) for k in (k1, k2, k3))
+  return {
+      "conflicting": jnp.stack([a, -a + 0.1 * b]),
+      "one_100x": jnp.stack([a, 100.0 * b]),
+      "identical": jnp.stack([a, a, a]),
+      "zero_one": jnp.stack([a, jnp.zeros(d), c]),
+      "all_zero": jnp.zeros((3, d)),
+      "single": a[None],
+      "tiny": 1e-20 * jnp.stack([a, b]),
+  }
+
+
+def _decay(i, num_tasks):
+  return jnp.exp(-0.1 * i * jnp.arange(1, num_tasks + 1) ** 2 / num_tasks ** 2)
+
+
+def _run(method, grads, losses, calls=3, jit=False):
+  """``calls`` updates on fixed gradients, the losses shrinking at task-dependent rates."""
+  grads_like = jax.tree_util.tree_map(lambda x: jnp.zeros_like(x[0]), grads)
+  num = jax.tree_util.tree_leaves(grads)[0].shape[0]
+  state = method.init(num, grads_like=grads_like)
+  update = jax.jit(method.update) if jit else method.update
+  for i in range(calls):
+    out = update(grads, state, losses=losses * _decay(i, num), key=jax.random.fold_in(KEY, i))
+    combined, state, weights = out
+  return combined, state, weights
+
+
+def _check_adversarial(method):
+  for name, grads in _cases().items():
+    losses = jnp.linspace(1.0, 2.0, grads.shape[0])
+    combined, state, weights = _run(method, grads, losses, jit=True)
+    assert combined.shape == grads.shape[1:], name
+    assert bool(jnp.all(jnp.isfinite(combined))), name
+    assert weights.shape == (grads.shape[0],) and weights.dtype == jnp.float32, name
+    for leaf in jax.tree_util.tree_leaves(state):
+      assert bool(jnp.all(jnp.isfinite(leaf))), name
+
+
+def _check_jit_vmap(method, batch=4, num_tasks=3, dim=20):
+  grads = jax.random.normal(jax.random.PRNGKey(2), (batch, num_tasks, dim))
+  losses = jax.random.uniform(jax.random.PRNGKey(3), (batch, num_tasks), minval=0.5, maxval=2)
+  eager = _run(method, grads[0], losses[0])  # eager dispatch is slow: one problem
+  jitted = [_run(method, grads[i], losses[i], jit=True) for i in range(batch)]
+  np.testing.assert_allclose(eager[0], jitted[0][0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(eager[2], jitted[0][2], rtol=1e-5, atol=1e-6)
+  state = jax.vmap(lambda g: method.init(num_tasks, grads_like=g[0]))(grads)
+  step = jax.jit(jax.vmap(lambda g, s, loss, k: method.update(g, s, losses=loss, key=k)))
+  for i in range(3):
+    keys = jnp.stack([jax.random.fold_in(KEY, i)] * batch)
+    combined, state, weights = step(grads, state, losses * _decay(i, num_tasks), keys)
+  for i in range(batch):
+    np.testing.assert_allclose(combined[i], jitted[i][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(weights[i], jitted[i][2], rtol=1e-5, atol=1e-6)
+
+
+def _check_pytree(method, num_tasks=3):
+  k1, k2 = jax.random.split(jax.random.PRNGKey(4))
+  tree = {"a": jax.random.normal(k1, (num_tasks, 4, 5)),
+          "b": jax.random.normal(k2, (num_tasks, 7))}
+  flat = jnp.concatenate([tree["a"].reshape(num_tasks, -1), tree["b"]], axis=1)
+  losses = jnp.linspace(0.5, 1.5, num_tasks)
+  c_tree, _, w_tree = _run(method, tree, losses)
+  c_flat, _, w_flat = _run(method, flat, losses)
+  joined = jnp.concatenate([c_tree["a"].reshape(-1), c_tree["b"]])
+  np.testing.assert_allclose(joined, c_flat, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(w_tree, w_flat, rtol=1e-5, atol=1e-6)
+
+
+def test_adversarial_inputs_stay_finite():
+  _check_adversarial(weighting.get(NAME))
+
+
+def test_jit_and_vmap_agree_with_eager():
+  _check_jit_vmap(weighting.get(NAME))
+
+
+def test_pytree_matches_flat_matrix():
+  _check_pytree(weighting.get(NAME))
+
+
+# --- method-specific properties ---
+
+def test_weights_are_a_softmax_of_the_key_only():
+  method = weighting.get(NAME)
+  state = method.init(4)
+  key = jax.random.PRNGKey(7)
+  _, _, w1 = method.update(None, state, losses=jnp.ones(4), key=key)
+  _, _, w2 = method.update(None, state, losses=jnp.array([9.0, 0.1, 3.0, 0.0]), key=key)
+  _, _, w3 = method.update(None, state, losses=jnp.ones(4), key=jax.random.PRNGKey(8))
+  assert bool(jnp.all(w1 > 0))
+  np.testing.assert_allclose(jnp.sum(w1), 1.0, rtol=1e-6)
+  np.testing.assert_array_equal(w1, w2)  # the losses do not matter
+  assert not np.allclose(w1, w3)         # the key does
+  # A softmax: log-weights differ from the N(0, 1) draw by one constant.
+  logits = jnp.log(w1)
+  centred = logits - jnp.mean(logits)
+  draw = jax.random.normal(key, (4,))
+  np.testing.assert_allclose(centred, draw - jnp.mean(draw), rtol=1e-5, atol=1e-5)
+
+
+def test_distribution_is_symmetric_across_keys():
+  method = weighting.get(NAME)
+  keys = jax.random.split(jax.random.PRNGKey(3), 4000)
+  ws = jax.vmap(lambda k: method.update(None, method.init(3), losses=jnp.ones(3), key=k)[2])(keys)
+  np.testing.assert_allclose(jnp.mean(ws, axis=0), jnp.full(3, 1 / 3), atol=0.01)
+  assert float(jnp.std(ws[:, 0])) > 0.05  # genuinely random
+
+
+def test_missing_key_raises():
+  method = weighting.get(NAME)
+  with pytest.raises(ValueError, match="key"):
+    method.update(None, method.init(2), losses=jnp.ones(2), key=None)
+
+
+def test_combined_is_the_weighted_sum():
+  method = weighting.get(NAME)
+  grads = jax.random.normal(KEY, (3, 6))
+  combined, _, w = method.update(grads, method.init(3), losses=jnp.ones(3), key=KEY)
+  np.testing.assert_allclose(combined, w @ grads, rtol=1e-5, atol=1e-6)
