@@ -1,3 +1,194 @@
-"""(being written)"""
+"""Gradient-level weighting: the task weights come from the per-task gradients.
 
-METHODS = {}
+GradNorm learns weights from the gradient norms, IMTL-G solves for weights that give equal
+projections onto every task's unit gradient, and DB-MTL rescales (averaged) log-loss gradients
+to a common norm.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mtjax.weighting.base import EmptyState, Method, gram, num_tasks_of, weighted_sum
+
+_TINY = 1e-12
+
+
+def _task_sq_norms(task_grads) -> jax.Array:
+  """``(T,)`` squared norms ``||g_t||²``, leaf by leaf (the diagonal of the Gram matrix)."""
+  def leaf(g):
+    g = g.reshape(g.shape[0], -1).astype(jnp.float32)
+    return jnp.sum(jnp.square(g), axis=1)
+  return sum(leaf(g) for g in jax.tree_util.tree_leaves(task_grads))
+
+
+def _sqrt0(sq: jax.Array) -> jax.Array:
+  """``sqrt`` that is exactly 0 (with a finite gradient) at 0."""
+  pos = sq > 0
+  return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+
+
+def _cast_like(combined, task_grads):
+  return jax.tree_util.tree_map(lambda c, g: c.astype(g.dtype), combined, task_grads)
+
+
+class GradNormState(NamedTuple):
+  """GradNorm: the learnable weights, ``L_t(0)``, and the weights' Adam moments."""
+
+  weights: jax.Array         # (T,), sums to T
+  initial_losses: jax.Array  # (T,), recorded at the first call
+  mu: jax.Array
+  nu: jax.Array
+  count: jax.Array           # int32: calls so far
+
+
+def gradnorm(alpha: float = 1.5, lr: float = 0.025) -> Method:
+  """GradNorm (Chen et al., 2018, Eqs. 1-2 and Alg. 1).
+
+  With ``G_t = ||w_t g_t||`` (norms of the given gradients), ``Ḡ = mean_t G_t``, the inverse
+  training rates ``r_t = L̃_t / mean_k L̃_k`` with ``L̃_t = L_t / L_t(0)`` (``L_t(0)``: the
+  losses at the first call), the weights take one Adam step on
+  ``L_grad = Σ_t |G_t - Ḡ r_t^α|`` with the target ``Ḡ r_t^α`` held constant
+  (``∂L_grad/∂w_t = sign(G_t - Ḡ r_t^α) ||g_t||``), and are then renormalised to
+  ``Σ_t w_t = T`` (kept positive). ``combined = Σ_t w_t g_t`` uses the weights before the step.
+
+  Defaults: ``alpha=1.5`` (paper's NYUv2 setting, LibMTL default). The weights' optimiser is
+  Adam with ``lr=0.025`` (the weight learning rate of the AuxiLearn/Nash-MTL code); LibMTL
+  instead trains softmax-parameterised weights with the model's own optimiser.
+  """
+  def init(num_tasks, grads_like=None):
+    del grads_like
+    zeros = jnp.zeros((num_tasks,), jnp.float32)
+    return GradNormState(jnp.ones((num_tasks,), jnp.float32), zeros, zeros, zeros,
+                         jnp.zeros((), jnp.int32))
+
+  def update(task_grads, state, *, losses, key=None):
+    del key
+    losses = jnp.asarray(losses, jnp.float32)
+    num_tasks = losses.shape[0]
+    initial = jnp.where(state.count == 0, losses, state.initial_losses)
+    w = state.weights
+    norms = _sqrt0(_task_sq_norms(task_grads))
+    g_norm = w * norms
+    ratio = losses / jnp.maximum(initial, _TINY)
+    inv_rate = ratio / jnp.maximum(jnp.mean(ratio), _TINY)
+    target = jnp.mean(g_norm) * inv_rate ** alpha
+    grad = jnp.sign(g_norm - target) * norms
+
+    count = state.count + 1
+    mu = 0.9 * state.mu + 0.1 * grad
+    nu = 0.999 * state.nu + 0.001 * jnp.square(grad)
+    t = count.astype(jnp.float32)
+    step = (mu / (1 - 0.9 ** t)) / (jnp.sqrt(nu / (1 - 0.999 ** t)) + 1e-8)
+    new_w = jnp.maximum(w - lr * step, 1e-6)
+    new_w = num_tasks * new_w / jnp.sum(new_w)
+    new_state = GradNormState(new_w, initial, mu, nu, count)
+    return weighted_sum(task_grads, w), new_state, w
+
+  return Method(init, update, "gradient")
+
+
+def imtl_weights(gram_matrix: jax.Array, rcond: float = 1e-5) -> jax.Array:
+  """IMTL-G weights (Liu et al., 2021, Eq. 7) from the Gram matrix ``G_ij = <g_i, g_j>``.
+
+  IMTL-G seeks ``g = Σ_t α_t g_t`` with ``Σ_t α_t = 1`` and equal projections ``<g, u_t>``
+  onto all unit gradients ``u_t = g_t / ||g_t||``. The paper's closed form
+  ``α_{2:T} = g_1 U^T (D U^T)^{-1}`` (``D``, ``U``: differences to task 1) solves that system;
+  written on the Gram matrix it is ``G α = c n`` (``n_t = ||g_t||``), i.e. with the cosine
+  matrix ``C = diag(1/n) G diag(1/n)`` and ``β = n ⊙ α``: ``C β = 1``, then ``α = (β / n) / Σ
+  (β / n)``. ``C`` is solved by its pseudo-inverse (eigenvalues below ``rcond`` times the
+  largest dropped), so identical gradients give equal weights ``1/T``; a zero gradient gets
+  weight 0 (its direction is undefined); when nothing is left (all zero, or underflow) the
+  weights are ``1/T``.
+  """
+  num_tasks = gram_matrix.shape[0]
+  norms = _sqrt0(jnp.diagonal(gram_matrix))
+  valid = norms > 0
+  inv_n = jnp.where(valid, 1.0 / jnp.where(valid, norms, 1.0), 0.0)
+  cos = jnp.clip(gram_matrix * inv_n[:, None] * inv_n[None, :], -1.0, 1.0)
+  cos = jnp.where(jnp.eye(num_tasks, dtype=bool), 1.0, cos)  # unit diagonal, zero rows too
+  eigval, eigvec = jnp.linalg.eigh(cos)
+  keep = eigval > rcond * jnp.max(eigval)
+  inv_eig = jnp.where(keep, 1.0 / jnp.where(keep, eigval, 1.0), 0.0)
+  beta = eigvec @ (inv_eig * (eigvec.T @ jnp.ones((num_tasks,), jnp.float32)))
+  # Scale-free normalisation: α ∝ β / n = (β · n_max / n) / n_max.
+  rel = jnp.where(valid, beta * jnp.max(norms) * inv_n, 0.0)
+  total = jnp.sum(rel)
+  uniform = jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32)
+  ok = (jnp.abs(total) > 1e-6) & jnp.all(jnp.isfinite(rel))
+  return jnp.where(ok, rel / jnp.where(ok, total, 1.0), uniform)
+
+
+def imtl() -> Method:
+  """IMTL-G, impartial multi-task learning, gradient balance (Liu et al., 2021, Sec. 3.2).
+
+  ``combined = Σ_t α_t g_t`` with :func:`imtl_weights` computed from the Gram matrix only;
+  the weights sum to 1 and may be negative. (The loss-scale part, IMTL-L, is not included.)
+  """
+  def init(num_tasks, grads_like=None):
+    del num_tasks, grads_like
+    return EmptyState()
+
+  def update(task_grads, state, *, losses, key=None):
+    del losses, key
+    weights = imtl_weights(gram(task_grads))
+    return weighted_sum(task_grads, weights), state, weights
+
+  return Method(init, update, "gradient")
+
+
+class DBMTLState(NamedTuple):
+  """DB-MTL: the EMA of each task's log-loss gradient (task axis first) and the call count."""
+
+  grad_ema: Any      # pytree like grads_like with a leading task axis, float32
+  step: jax.Array    # int32
+
+
+def db_mtl(beta: float = 0.9, beta_sigma: float = 0.0) -> Method:
+  """Dual-balancing multi-task learning (Lin et al., 2023, Alg. 1).
+
+  Loss scale balance: each task uses the gradient of ``log(L_t + 1e-8)``, i.e.
+  ``ĝ_t = g_t / (L_t + 1e-8)``. Gradient magnitude balance: an EMA
+  ``m_t ← β_k m_t + (1 - β_k) ĝ_t`` with ``β_k = beta / k^{beta_sigma}`` (``k`` = call number,
+  ``m`` starts at 0), then every ``m_t`` is rescaled to the largest norm:
+  ``combined = Σ_t (max_k ||m_k|| / (||m_t|| + 1e-8)) m_t``.
+
+  Defaults ``beta=0.9``, ``beta_sigma=0`` (LibMTL's ``DB_beta``, ``DB_beta_sigma``). Needs
+  ``grads_like`` at ``init``. With ``beta > 0`` the direction mixes past gradients and is not
+  ``Σ w_t g_t`` of the current ones, so the returned weights are NaN; with ``beta == 0`` they
+  are the exact ``max ||ĝ|| / (||ĝ_t|| (L_t + 1e-8))``.
+  """
+  def init(num_tasks, grads_like=None):
+    if grads_like is None:
+      raise ValueError("db_mtl: 'grads_like' (one task's gradient pytree) is required by init "
+                       "to allocate the per-task gradient EMA")
+    ema = jax.tree_util.tree_map(
+        lambda x: jnp.zeros((num_tasks,) + tuple(jnp.shape(x)), jnp.float32), grads_like)
+    return DBMTLState(ema, jnp.zeros((), jnp.int32))
+
+  def update(task_grads, state, *, losses, key=None):
+    del key
+    num_tasks = num_tasks_of(task_grads)
+    losses = jnp.asarray(losses, jnp.float32)
+    step = state.step + 1
+    b = beta / step.astype(jnp.float32) ** beta_sigma
+    scale = 1.0 / (losses + 1e-8)
+
+    def leaf_ema(m, g):
+      g = g.astype(jnp.float32) * scale.reshape((num_tasks,) + (1,) * (g.ndim - 1))
+      return g + b * (m - g)
+
+    ema = jax.tree_util.tree_map(leaf_ema, state.grad_ema, task_grads)
+    norms = _sqrt0(_task_sq_norms(ema))
+    alpha = jnp.max(norms) / (norms + 1e-8)
+    combined = _cast_like(weighted_sum(ema, alpha), task_grads)
+    if beta == 0:
+      weights = alpha * scale
+    else:
+      weights = jnp.full((num_tasks,), jnp.nan, jnp.float32)
+    return combined, DBMTLState(ema, step), weights
+
+  return Method(init, update, "gradient")
+
+METHODS = {"gradnorm": gradnorm, "imtl": imtl, "db_mtl": db_mtl}
