@@ -1,0 +1,125 @@
+"""ResNet backbones (He et al., 2016) for dense prediction, in Flax Linen.
+
+Output stride 8 or 16 replaces the strides of the last stages by dilation (Chen et al., 2017,
+DeepLab), as dense multi-task models do. The stem is the ImageNet one (7×7/2 conv and 3×3/2 max
+pool, stride 4) or, for small images, a single 3×3 conv of stride 2 (``"small"``) or 1
+(``"cifar"``).
+"""
+
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class BasicBlock(nn.Module):
+  """Two 3×3 convolutions with an identity or 1×1 projection shortcut (ResNet-18/34)."""
+
+  filters: int
+  strides: int = 1
+  dilation: int = 1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                             dtype=self.dtype)
+    residual = x
+    y = conv(self.filters, (3, 3), self.strides, padding=self.dilation,
+             kernel_dilation=self.dilation)(x)
+    y = nn.relu(norm()(y))
+    y = conv(self.filters, (3, 3), padding=self.dilation, kernel_dilation=self.dilation)(y)
+    y = norm(scale_init=nn.initializers.zeros)(y)
+    if residual.shape != y.shape:
+      residual = norm()(conv(self.filters, (1, 1), self.strides)(residual))
+    return nn.relu(residual + y)
+
+
+class BottleneckBlock(nn.Module):
+  """1×1, 3×3, 1×1 convolutions with 4× expansion (ResNet-50 and deeper)."""
+
+  filters: int
+  strides: int = 1
+  dilation: int = 1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                             dtype=self.dtype)
+    residual = x
+    y = nn.relu(norm()(conv(self.filters, (1, 1))(x)))
+    y = conv(self.filters, (3, 3), self.strides, padding=self.dilation,
+             kernel_dilation=self.dilation)(y)
+    y = nn.relu(norm()(y))
+    y = norm(scale_init=nn.initializers.zeros)(conv(self.filters * 4, (1, 1))(y))
+    if residual.shape != y.shape:
+      residual = norm()(conv(self.filters * 4, (1, 1), self.strides)(residual))
+    return nn.relu(residual + y)
+
+
+class ResNet(nn.Module):
+  """A ResNet trunk returning the last stage's feature map, shape ``(B, H/os, W/os, C)``."""
+
+  stage_sizes: Sequence[int]
+  block: str = "basic"
+  width: int = 64
+  output_stride: int = 32
+  stem: str = "imagenet"
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool):
+    block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[self.block]
+    x = images.astype(self.dtype)
+    if self.stem == "imagenet":
+      x = nn.Conv(self.width, (7, 7), 2, padding=3, use_bias=False, dtype=self.dtype)(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+      x = nn.max_pool(nn.relu(x), (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+      stride = 4
+    else:  # "small" (3×3/2 conv) or "cifar" (3×3/1 conv)
+      stride = 2 if self.stem == "small" else 1
+      x = nn.Conv(self.width, (3, 3), stride, padding=1, use_bias=False, dtype=self.dtype)(x)
+      x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x))
+    dilation = 1
+    for i, num_blocks in enumerate(self.stage_sizes):
+      for j in range(num_blocks):
+        strides = 2 if i > 0 and j == 0 else 1
+        if strides == 2 and stride >= self.output_stride:
+          strides, dilation = 1, dilation * 2
+        elif strides == 2:
+          stride *= 2
+        x = block_cls(self.width * 2**i, strides, dilation, self.dtype)(x, train)
+    return x
+
+
+STEMS = ("imagenet", "small", "cifar")
+STAGES = {
+    "resnet_tiny": ((1, 1, 1), "basic"),
+    "resnet18": ((2, 2, 2, 2), "basic"),
+    "resnet34": ((3, 4, 6, 3), "basic"),
+    "resnet50": ((3, 4, 6, 3), "bottleneck"),
+    "resnet101": ((3, 4, 23, 3), "bottleneck"),
+}
+
+
+def names() -> list[str]:
+  """The backbone names."""
+  return sorted(STAGES)
+
+
+def get(name: str, *, width: int = 64, output_stride: int = 32, stem: str = "imagenet",
+        dtype=jnp.float32) -> ResNet:
+  """The backbone ``name`` (see :func:`names`)."""
+  if name not in STAGES:
+    raise ValueError(f"model.backbone: unknown backbone {name!r}; valid names: {names()}")
+  if output_stride not in (1, 2, 4, 8, 16, 32):
+    raise ValueError(
+        f"model.output_stride: expected one of 1, 2, 4, 8, 16, 32, got {output_stride}")
+  if stem not in STEMS:
+    raise ValueError(f"model.stem: expected one of {STEMS}, got {stem!r}")
+  stages, block = STAGES[name]
+  return ResNet(stages, block, width, output_stride, stem, dtype)

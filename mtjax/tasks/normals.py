@@ -1,0 +1,74 @@
+"""Surface normals: cosine loss on valid pixels; angle error statistics (Eigen & Fergus, 2015).
+
+The median angle error is read from a histogram of 0.05° bins, so that it, too, is a sum
+over pixels and stays exact under sharding (to within half a bin).
+"""
+
+import jax.numpy as jnp
+import numpy as np
+
+from mtjax.tasks.base import Task, example_mask, masked_mean, ratio
+
+BIN_DEGREES = 0.05
+NUM_BINS = int(180 / BIN_DEGREES)
+THRESHOLDS = (11.25, 22.5, 30.0)
+
+
+def _valid(batch):
+  normals = batch["normals"]
+  valid = batch["depth_valid"] if "depth_valid" in batch else jnp.any(normals != 0, axis=-1)
+  return valid.astype(jnp.float32) * example_mask(batch, "normals", normals.shape[0])[:, None, None]
+
+
+def _unit(x):
+  return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+
+def loss_fn(output, batch):
+  """Mean of ``1 - cos(prediction, target)`` over valid pixels."""
+  cos = jnp.sum(_unit(output) * batch["normals"], axis=-1)
+  return masked_mean(1.0 - cos, _valid(batch))
+
+
+def metrics_fn(output, batch):
+  valid = _valid(batch)
+  cos = jnp.clip(jnp.sum(_unit(output) * _unit(batch["normals"]), axis=-1), -1.0, 1.0)
+  angle = jnp.degrees(jnp.arccos(cos))
+  count = jnp.sum(valid)
+  bins = jnp.clip((angle / BIN_DEGREES).astype(jnp.int32), 0, NUM_BINS - 1)
+  hist = jnp.zeros((NUM_BINS,), jnp.float32).at[bins.reshape(-1)].add(valid.reshape(-1))
+  metrics = {"mean_angle": (jnp.sum(angle * valid), count), "median_angle": (hist, count)}
+  for t in THRESHOLDS:
+    metrics[f"within_{t}"] = (jnp.sum((angle < t) * valid), count)
+  return metrics
+
+
+def summarize(totals):
+  out = {name: ratio(*pair) for name, pair in totals.items() if name != "median_angle"}
+  hist, count = (np.asarray(x, np.float64) for x in totals["median_angle"])
+  if float(count) <= 0:
+    out["median_angle"] = float("nan")
+  else:
+    idx = int(np.searchsorted(np.cumsum(hist), 0.5 * float(count)))
+    out["median_angle"] = (idx + 0.5) * BIN_DEGREES
+  for t in THRESHOLDS:
+    out[f"within_{t}"] *= 100.0
+  return out
+
+
+def predict_fn(output):
+  return _unit(output)
+
+
+def task() -> Task:
+  return Task(
+      name="normals",
+      head="dense",
+      loss_fn=loss_fn,
+      metrics_fn=metrics_fn,
+      predict_fn=predict_fn,
+      label_keys=("normals", "depth_valid"),
+      higher_is_better={"mean_angle": False, "median_angle": False, "within_11.25": True,
+                        "within_22.5": True, "within_30.0": True},
+      summarize_fn=summarize,
+  )

@@ -1,0 +1,1 @@
+"""Training: the state, the jitted data-parallel step, the loop."""
