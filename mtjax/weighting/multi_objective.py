@@ -1,3 +1,269 @@
-"""(being written)"""
+"""Multi-objective gradient aggregation: MGDA, CAGrad, Nash-MTL, UPGrad, DualProj.
 
-METHODS = {}
+Every method here depends on the task gradients only through their ``(T, T)`` Gram matrix
+(:func:`~mtjax.weighting.base.gram`) and returns ``combined = Σ_t w_t g_t``
+(:func:`~mtjax.weighting.base.weighted_sum`) with the effective weights ``w``; the small
+optimisation problems run a fixed number of float32 iterations on device
+(:mod:`mtjax.weighting.solvers`).
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mtjax.weighting import solvers
+from mtjax.weighting.base import EmptyState, Method, gram, num_tasks_of, weighted_sum
+
+MGDA_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+
+
+def _safe_sqrt(x):
+  x = jnp.maximum(x, 0.0)
+  return jnp.where(x > 0, jnp.sqrt(jnp.where(x > 0, x, 1.0)), 0.0)
+
+
+def _empty_init(num_tasks, grads_like=None):
+  del num_tasks, grads_like
+  return EmptyState()
+
+
+def mgda(normalization: str = "none", num_iters: int = 100) -> Method:
+  """MGDA (Sener & Koltun, 2018): the min-norm point of the convex hull of the task gradients.
+
+  ``w = argmin_{w ∈ Δ} |Σ_t w_t ĝ_t|²`` (Eq. 3, solved by :func:`solvers.min_norm_weights`) with
+  ``ĝ_t = g_t / n_t`` normalised as in the reference code ``MultiObjectiveOptimization``
+  (``gradient_normalizers``): ``"none"`` (n = 1), ``"l2"`` (n = |g_t|), ``"loss"`` (n = L_t),
+  ``"loss+"`` (n = L_t |g_t|). Default ``"none"``, as LibMTL's ``mgda_gn`` and Nash-MTL's MGDA.
+  As in the reference training script the simplex weights multiply the *unnormalised* gradients:
+  ``combined = Σ_t w_t g_t``, ``Σ_t w_t = 1`` (LibMTL instead combines the normalised ``ĝ_t``;
+  Nash-MTL's copy multiplies ``w`` by ``T``). Applied to whatever gradients it is given, so on
+  representation-level gradients this is MGDA-UB. A task whose normaliser is 0 gets a zero row.
+  """
+  if normalization not in MGDA_NORMALIZATIONS:
+    raise ValueError(f"mgda: normalization={normalization!r}; allowed: {MGDA_NORMALIZATIONS}")
+
+  def update(task_grads, state, *, losses, key=None):
+    del key
+    g = gram(task_grads)
+    losses = jnp.asarray(losses, jnp.float32)
+    norms = _safe_sqrt(jnp.diag(g))
+    n = {"none": jnp.ones_like(losses), "l2": norms, "loss": losses,
+         "loss+": losses * norms}[normalization]
+    inv = solvers.safe_div(1.0, n)
+    weights = solvers.min_norm_weights(g * inv[:, None] * inv[None, :], num_iters)
+    return weighted_sum(task_grads, weights), state, weights
+
+  return Method(_empty_init, update, "gradient")
+
+
+def cagrad_weights(g: jax.Array, c: float, num_iters: int = 20,
+                   inner_iters: int = 20) -> jax.Array:
+  """CAGrad's dual weights (Liu et al., 2021, Eq. 7 / Alg. 1 of the official code):
+  ``w* = argmin_{w ∈ Δ} g_wᵀ g_0 + c |g_0| |g_w|`` with ``g_w = Σ w_t g_t``, ``g_0`` the mean.
+
+  Written as ``min_{w ∈ Δ, s > 0} g_wᵀ g_0 + (c |g_0| / 2)(|g_w|² / s + s)`` (jointly convex) and
+  solved by ``num_iters`` exact alternating steps: ``s = |g_w|``, then a simplex QP in ``w``
+  (:func:`solvers.simplex_qp`, warm-started). ``g`` is scaled first (the minimiser does not
+  depend on the scale).
+  """
+  g = solvers.symmetrize(g)
+  t = g.shape[0]
+  g = g * solvers.safe_div(float(t), jnp.trace(g))
+  u = jnp.full((t,), 1.0 / t, jnp.float32)
+  lin = g @ u
+  cn = c * _safe_sqrt(u @ lin)
+
+  def objective(w):
+    return w @ lin + cn * _safe_sqrt(w @ g @ w)
+
+  def body(_, w):
+    s = jnp.maximum(_safe_sqrt(w @ g @ w), 1e-6)
+    w_new = solvers.simplex_qp((cn / s) * g, lin, inner_iters, w0=w)
+    return jnp.where(objective(w_new) <= objective(w), w_new, w)
+
+  return jax.lax.fori_loop(0, num_iters, body, u)
+
+
+def cagrad(c: float = 0.4, rescale: int = 1, num_iters: int = 20) -> Method:
+  """CAGrad (Liu et al., 2021): ``d = g_0 + (c |g_0| / |g_w|) g_w`` with the dual weights of
+  :func:`cagrad_weights`, so that ``|d - g_0| <= c |g_0|`` and ``min_t <g_t, d>`` is maximised
+  over that ball. ``rescale`` divides ``d`` by 1 (0), ``1 + c²`` (1) or ``1 + c`` (2).
+
+  Defaults ``c = 0.4`` (NYUv2 ``run.sh`` of the official code Cranial-XIX/CAGrad; its function
+  default is 0.5, LibMTL's ``calpha`` 0.5) and ``rescale = 1``. Convention: ``g_0`` is the *mean*
+  gradient (LibMTL; with ``c = 0`` the result is exactly the mean); the official code multiplies
+  ``d`` by ``T`` "to match the sum loss". The official code adds 1e-8 inside the square roots and
+  solves the dual with SLSQP; this solves it on device (scale-free, no additive epsilons).
+  """
+  if rescale not in (0, 1, 2):
+    raise ValueError(f"cagrad: rescale={rescale!r}; allowed: 0, 1, 2")
+  if c < 0:
+    raise ValueError(f"cagrad: c={c!r} must be >= 0")
+
+  def update(task_grads, state, *, losses, key=None):
+    del losses, key
+    g = gram(task_grads)
+    t = g.shape[0]
+    u = jnp.full((t,), 1.0 / t, jnp.float32)
+    w = cagrad_weights(g, c, num_iters)
+    g0_norm = _safe_sqrt(u @ g @ u)
+    gw_norm = _safe_sqrt(w @ g @ w)
+    lam = c * solvers.safe_div(g0_norm, gw_norm)
+    weights = u + lam * w
+    weights = weights / {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
+    return weighted_sum(task_grads, weights), state, weights
+
+  return Method(_empty_init, update, "gradient")
+
+
+class NashMTLState(NamedTuple):
+  """Nash-MTL's last bargaining solution ``alpha`` (warm start and reuse) and step counter."""
+  alpha: jax.Array
+  step: jax.Array
+
+
+def nash_alpha(g: jax.Array, alpha0: jax.Array, num_iters: int = 20,
+               ridge: float = 1e-6) -> jax.Array:
+  """The Nash bargaining solution of Navon et al. (2022), Eq. 4: ``α ⊙ (G α) = 1``, ``α > 0``,
+  for ``G`` scaled to unit Frobenius norm (as the official code) plus ``ridge · I``.
+
+  ``α`` is the minimiser of the self-concordant ``φ(α) = ½ αᵀ G α - Σ_t log α_t`` (its gradient
+  is ``G α - 1/α``); ``num_iters`` damped Newton steps ``α ← α - Δ / (1 + λ)`` (Nesterov 2004,
+  §4.1.5; λ the Newton decrement) from ``alpha0`` stay positive and converge globally. The
+  ridge makes ``φ`` bounded below when a gradient is zero or the gradients are dependent (then
+  the zero task gets ``α ≈ ridge^-1/2``, times zero gradient).
+  """
+  g = solvers.symmetrize(g)
+  t = g.shape[0]
+  g = g * solvers.safe_div(1.0, jnp.sqrt(jnp.sum(g * g))) + ridge * jnp.eye(t)
+  alpha0 = jnp.where(jnp.isfinite(alpha0) & (alpha0 > 0), alpha0, 1.0)
+
+  def body(_, a):
+    grad = g @ a - 1.0 / a
+    hess = g + jnp.diag(1.0 / (a * a))
+    delta = jnp.linalg.solve(hess, grad)
+    lam = _safe_sqrt(grad @ delta)
+    a_new = a - delta / (1.0 + lam)
+    ok = jnp.all(jnp.isfinite(a_new) & (a_new > 0))
+    return jnp.where(ok, a_new, a)
+
+  return jax.lax.fori_loop(0, num_iters, body, alpha0.astype(jnp.float32))
+
+
+def nash_mtl(max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: int = 20,
+             ridge: float = 1e-6) -> Method:
+  """Nash-MTL (Navon et al., 2022): ``combined = Σ_t α_t g_t`` with ``α ⊙ (G α) = 1``.
+
+  Defaults from the official code AvivNavon/nash-mtl (``max_norm = 1.0``,
+  ``update_weights_every = 1``, ``optim_niter = 20``). The official code solves Eq. 4 by a CCP
+  sequence with cvxpy on ``G / |G|_F``; here ``optim_niter`` damped Newton steps on device
+  (:func:`nash_alpha`), warm-started from the last ``α`` as the official code. ``max_norm > 0``
+  clips ``|Σ α_t g_t|`` to ``max_norm`` as the official ``clip_grad_norm_`` on the shared
+  parameters (folded into the returned weights). Between updates (``update_weights_every > 1``)
+  the last ``α`` is reused. ``ridge``: see :func:`nash_alpha`.
+  """
+  if update_weights_every < 1:
+    raise ValueError(f"nash_mtl: update_weights_every={update_weights_every!r} must be >= 1")
+
+  def init(num_tasks, grads_like=None):
+    del grads_like
+    return NashMTLState(alpha=jnp.ones((num_tasks,), jnp.float32),
+                        step=jnp.zeros((), jnp.int32))
+
+  def update(task_grads, state, *, losses, key=None):
+    del losses, key
+    g = gram(task_grads)
+    fresh = nash_alpha(g, state.alpha, optim_niter, ridge)
+    alpha = jnp.where(state.step % update_weights_every == 0, fresh, state.alpha)
+    weights = alpha
+    if max_norm > 0:
+      norm = _safe_sqrt(alpha @ solvers.symmetrize(g) @ alpha)
+      weights = alpha * jnp.where(norm > max_norm, solvers.safe_div(max_norm, norm), 1.0)
+    return weighted_sum(task_grads, weights), NashMTLState(alpha, state.step + 1), weights
+
+  return Method(init, update, "gradient")
+
+
+def _dual_cone_gram(g, norm_eps, reg_eps):
+  """torchjd's ``regularize(normalize(G, norm_eps), reg_eps)``: ``G / tr(G)`` (0 when
+  ``tr(G) < norm_eps``) plus ``reg_eps · I``."""
+  g = solvers.symmetrize(g)
+  tr = jnp.trace(g)
+  g = jnp.where(tr >= norm_eps, g * solvers.safe_div(1.0, tr), 0.0)
+  return g + reg_eps * jnp.eye(g.shape[0])
+
+
+def project_weights(u: jax.Array, q: jax.Array, num_iters: int = 100) -> jax.Array:
+  """Weights ``w`` of the projection of ``Jᵀ u`` onto the dual cone ``{x : J x >= 0}``:
+  ``w = argmin_{v >= u} vᵀ q v`` with ``q = J Jᵀ`` (Quinton & Rey 2024, Prop. 1), by
+  :func:`solvers.box_qp`. ``u`` may carry leading batch axes."""
+  solve = lambda v: solvers.box_qp(q, jnp.zeros_like(v), v, num_iters)
+  for _ in range(u.ndim - 1):
+    solve = jax.vmap(solve)
+  return solve(u)
+
+
+def _pref(pref_vector, t):
+  if pref_vector is None:
+    return jnp.full((t,), 1.0 / t, jnp.float32)
+  pref = jnp.asarray(pref_vector, jnp.float32)
+  if pref.shape != (t,):
+    raise ValueError(f"pref_vector has shape {pref.shape}, expected ({t},) (one per task)")
+  return pref
+
+
+def _check_pref(name, pref_vector):
+  def init(num_tasks, grads_like=None):
+    del grads_like
+    if pref_vector is not None and len(pref_vector) != num_tasks:
+      raise ValueError(f"{name}: 'pref_vector' has {len(pref_vector)} entries, expected one per "
+                       f"task ({num_tasks})")
+    return EmptyState()
+  return init
+
+
+def upgrad(pref_vector=None, norm_eps: float = 1e-4, reg_eps: float = 1e-4,
+           num_iters: int = 100) -> Method:
+  """UPGrad (Quinton & Rey, 2024, Eq. 5): ``Σ_i π_J(u_i g_i)``, each (preference-weighted) task
+  gradient projected onto the dual cone of all of them, via Prop. 1:
+  ``w = Σ_i argmin_{v >= u_i e_i} vᵀ G v`` and ``combined = Σ_t w_t g_t``.
+
+  Defaults as torchjd's ``UPGrad``: ``pref_vector=None`` (uniform ``1/T``), ``norm_eps=1e-4``
+  (``G`` is divided by its trace, or zeroed when the trace is below ``norm_eps`` — an absolute
+  threshold), ``reg_eps=1e-4`` (ridge on the normalised ``G``). torchjd calls quadprog;
+  this runs :func:`solvers.box_qp` for ``num_iters`` steps plus an exact active-set polish.
+  """
+  def update(task_grads, state, *, losses, key=None):
+    del losses, key
+    t = num_tasks_of(task_grads)
+    q = _dual_cone_gram(gram(task_grads), norm_eps, reg_eps)
+    weights = jnp.sum(project_weights(jnp.diag(_pref(pref_vector, t)), q, num_iters), axis=0)
+    return weighted_sum(task_grads, weights), state, weights
+
+  return Method(_check_pref("upgrad", pref_vector), update, "gradient")
+
+
+def dualproj(pref_vector=None, norm_eps: float = 1e-4, reg_eps: float = 1e-4,
+             num_iters: int = 100) -> Method:
+  """DualProj (Quinton & Rey, 2024; Lopez-Paz & Ranzato 2017, Eq. 11): the (preference-weighted)
+  mean gradient projected onto the dual cone of the task gradients,
+  ``w = argmin_{v >= u} vᵀ G v``, ``combined = Σ_t w_t g_t``. Defaults and solver as
+  :func:`upgrad` (torchjd's ``DualProj``)."""
+  def update(task_grads, state, *, losses, key=None):
+    del losses, key
+    t = num_tasks_of(task_grads)
+    q = _dual_cone_gram(gram(task_grads), norm_eps, reg_eps)
+    weights = project_weights(_pref(pref_vector, t), q, num_iters)
+    return weighted_sum(task_grads, weights), state, weights
+
+  return Method(_check_pref("dualproj", pref_vector), update, "gradient")
+
+
+METHODS = {
+    "mgda": mgda,
+    "cagrad": cagrad,
+    "nash_mtl": nash_mtl,
+    "upgrad": upgrad,
+    "dualproj": dualproj,
+}
