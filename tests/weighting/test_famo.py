@@ -51,6 +51,10 @@ def _check_adversarial(method):
     assert weights.shape == (grads.shape[0],) and weights.dtype == jnp.float32, name
     for leaf in jax.tree_util.tree_leaves(state):
       assert bool(jnp.all(jnp.isfinite(leaf))), name
+    if bool(jnp.all(jnp.isfinite(weights))):  # NaN weights: not a weighting (allowed)
+      scale = float(jnp.max(jnp.abs(weights))) * float(jnp.max(jnp.abs(grads)))
+      np.testing.assert_allclose(combined, weights @ grads, rtol=1e-4, atol=1e-5 * scale + 1e-30,
+                                 err_msg=name)
 
 
 def _check_jit_vmap(method, batch=4, num_tasks=3, dim=20):
@@ -167,3 +171,9 @@ def test_zero_loss_stays_finite():
     _, state, w = method.update(None, state, losses=jnp.array(losses), key=KEY)
     assert bool(jnp.all(jnp.isfinite(w))), losses
     assert bool(jnp.all(jnp.isfinite(state.logits))), losses
+
+
+def test_without_grads_returns_none():
+  method = weighting.get(NAME)
+  combined, _, weights = method.update(None, method.init(2), losses=jnp.ones(2), key=KEY)
+  assert combined is None and weights.shape == (2,)

@@ -52,6 +52,10 @@ def _check_adversarial(method):
     assert weights.shape == (grads.shape[0],) and weights.dtype == jnp.float32, name
     for leaf in jax.tree_util.tree_leaves(state):
       assert bool(jnp.all(jnp.isfinite(leaf))), name
+    if bool(jnp.all(jnp.isfinite(weights))):  # NaN weights: not a weighting (allowed)
+      scale = float(jnp.max(jnp.abs(weights))) * float(jnp.max(jnp.abs(grads)))
+      np.testing.assert_allclose(combined, weights @ grads, rtol=1e-4, atol=1e-5 * scale + 1e-30,
+                                 err_msg=name)
 
 
 def _check_jit_vmap(method, batch=4, num_tasks=3, dim=20):
@@ -126,3 +130,9 @@ def test_zero_and_extreme_losses_stay_finite():
   for losses in ([0.0, 1.0, 2.0], [0.0, 0.0, 0.0], [1e-30, 1e30, 1.0], [1e-20, 1e-20, 1e-20]):
     _, _, w = method.update(None, method.init(3), losses=jnp.array(losses), key=KEY)
     assert bool(jnp.all(jnp.isfinite(w)) & jnp.all(w > 0)), losses
+
+
+def test_without_grads_returns_none():
+  method = weighting.get(NAME)
+  combined, _, weights = method.update(None, method.init(2), losses=jnp.ones(2), key=KEY)
+  assert combined is None and weights.shape == (2,)

@@ -51,6 +51,10 @@ def _check_adversarial(method):
     assert weights.shape == (grads.shape[0],) and weights.dtype == jnp.float32, name
     for leaf in jax.tree_util.tree_leaves(state):
       assert bool(jnp.all(jnp.isfinite(leaf))), name
+    if bool(jnp.all(jnp.isfinite(weights))):  # NaN weights: not a weighting (allowed)
+      scale = float(jnp.max(jnp.abs(weights))) * float(jnp.max(jnp.abs(grads)))
+      np.testing.assert_allclose(combined, weights @ grads, rtol=1e-4, atol=1e-5 * scale + 1e-30,
+                                 err_msg=name)
 
 
 def _check_jit_vmap(method, batch=4, num_tasks=3, dim=20):
