@@ -133,7 +133,7 @@ def jit_step(step, mesh=None, donate=True):
   mesh = make_mesh() if mesh is None else mesh
   replicated = NamedSharding(mesh, PartitionSpec())
   data = NamedSharding(mesh, PartitionSpec("data"))
-  return jax.jit(step, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+  return jax.jit(step, in_shardings=(replicated, data), out_shardings=replicated,
                  donate_argnums=(0,) if donate else ())
 
 

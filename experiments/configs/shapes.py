@@ -1,0 +1,39 @@
+"""The default experiment: segmentation, depth and normals on the embedded shapes dataset.
+
+    mtjax train --config experiments/configs/shapes.py --workdir workdirs/shapes
+    mtjax train --config experiments/configs/shapes.py:pcgrad --workdir workdirs/pcgrad \
+        --config.grad_level=representation
+
+The argument after ``:`` names the weighting method; its hyperparameters become fields of
+``config.weighting`` with the paper's defaults, overridable on the command line.
+"""
+
+import ml_collections
+
+from mtjax.config import weighting_config
+
+
+def get_config(arg=None):
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.dataset = ml_collections.ConfigDict(
+      {"name": "shapes", "image_size": (64, 64), "data_dir": "", "num_train": 0})
+  config.tasks = ("segmentation", "depth", "normals")
+  config.model = ml_collections.ConfigDict({
+      "backbone": "resnet_tiny", "width": 16, "output_stride": 4, "stem": "small",
+      "head_hidden": 32, "dtype": "float32"})
+  config.weighting = weighting_config(arg or "ew")
+  config.grad_level = "parameter"
+  config.optimizer = ml_collections.ConfigDict({
+      "name": "adam", "learning_rate": 3e-3, "schedule": "warmup_cosine", "warmup_steps": 50,
+      "momentum": 0.9, "weight_decay": 0.0, "grad_clip": 0.0})
+  config.batch_size = 32
+  config.num_steps = 1000
+  config.log_every = 50
+  config.eval_every = 500
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 2
+  config.eval_batch_size = 100
+  # Single-task results of the same model, steps and seed (Δm% is computed against them).
+  config.baselines = ml_collections.ConfigDict()
+  return config

@@ -1,0 +1,249 @@
+"""The training loop: validate, build, resume, train, evaluate, checkpoint, report.
+
+``train(config, workdir)`` is what ``mtjax train`` runs. The workdir holds ``config.json``,
+``checkpoints/`` (orbax), ``metrics.jsonl`` (one JSON object a logging or evaluation step),
+and at the end ``results.json``, ``results.md`` and ``curves.png``.
+"""
+
+import json
+import os
+import time
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from mtjax import checkpoint, data, metrics, models, weighting
+from mtjax import config as config_lib
+from mtjax import tasks as tasks_lib
+from mtjax.data import pipeline
+from mtjax.train import optim
+from mtjax.train import state as state_lib
+from mtjax.train import step as step_lib
+
+
+class Experiment(NamedTuple):
+  """Everything a config builds, before any compilation."""
+
+  model: object
+  tasks: dict
+  method: object
+  optimizer: object
+  schedule: object
+  label_keys: tuple
+  num_classes: int
+
+
+def build(cfg) -> Experiment:
+  """Model, tasks, weighting method and optimizer of a validated config."""
+  info = data.dataset_info(cfg.dataset.name)
+  num_classes = info["num_classes"]
+  tasks = {name: tasks_lib.get(name, num_classes) for name in cfg.tasks}
+  task_heads = {name: (task.head, tasks_lib.head_channels(name, num_classes))
+                for name, task in tasks.items()}
+  model = models.build(cfg.model.backbone, task_heads, width=cfg.model.width,
+                       output_stride=cfg.model.output_stride, stem=cfg.model.stem,
+                       head_hidden=cfg.model.head_hidden, dtype=cfg.model.dtype)
+  method = weighting.get(cfg.weighting.name, **config_lib.weighting_kwargs(cfg))
+  label_keys = tuple(dict.fromkeys(k for name in cfg.tasks for k in info["tasks"][name]))
+  return Experiment(model, tasks, method, optim.make_optimizer(cfg.optimizer, cfg.num_steps),
+                    optim.make_schedule(cfg.optimizer, cfg.num_steps), label_keys, num_classes)
+
+
+def load_data(cfg, split: str, label_keys) -> dict:
+  arrays = data.load_split(cfg.dataset.name, split, image_size=tuple(cfg.dataset.image_size),
+                           data_dir=cfg.dataset.data_dir or None,
+                           num_examples=(cfg.dataset.num_train or None) if split == "train"
+                           else None)
+  return pipeline.select(arrays, label_keys)
+
+
+def check_workdir(cfg, workdir: str) -> int | None:
+  """The step to resume from (None for a fresh run); raises if the checkpoint is foreign."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  step = checkpoint.latest_step(ckpt_dir)
+  if step is None:
+    return None
+  saved = checkpoint.read_metadata(ckpt_dir, step)["config"]
+  now = config_lib.identity(cfg)
+  diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+  if diff:
+    details = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in diff[:8])
+    raise ValueError(
+        f"workdir {workdir!r} holds a checkpoint (step {step}) of a different config ({details}). "
+        "Use another --workdir, or the config that wrote it; the checkpoint was left untouched.")
+  return step
+
+
+def evaluate_split(eval_step, state, arrays, tasks, batch_size, mesh) -> dict:
+  """``{task: {metric: value}}`` over a whole split (padded batches are masked out)."""
+  totals = None
+  for batch in pipeline.eval_batches(arrays, batch_size):
+    totals = metrics.accumulate(totals, eval_step(state, step_lib.shard_batch(batch, mesh)))
+  return metrics.summarize(tasks, totals)
+
+
+def _flat(results, prefix):
+  return {f"{prefix}/{t}/{m}": v for t, values in results.items() for m, v in values.items()}
+
+
+def _rewind_log(path: str, step: int) -> None:
+  """Drops log lines written after ``step`` (by a run stopped before its next checkpoint)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+  with open(path, "w") as f:
+    f.writelines(lines)
+
+
+def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = None) -> dict:
+  """Trains (or resumes) the experiment ``cfg`` in ``workdir``; returns the final results.
+
+  ``stop_after`` ends the run after that many steps of this call (to test resuming).
+  """
+  mesh = step_lib.make_mesh()
+  config_lib.validate(cfg, mesh.size)
+  resume_step = check_workdir(cfg, workdir)
+  exp = build(cfg)
+  train_arrays = load_data(cfg, "train", exp.label_keys)
+  val_arrays = load_data(cfg, "validation", exp.label_keys)
+  image_shape = train_arrays["image"].shape[1:]
+  config_lib.check_batch(cfg, pipeline.train_batch(train_arrays, seed=cfg.seed, step=0,
+                                                   batch_size=cfg.batch_size),
+                         exp.num_classes, cfg.batch_size)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(cfg.to_dict(), f, indent=2, default=list)
+
+  state = state_lib.create(exp.model, cfg.tasks, exp.method, exp.optimizer,
+                           key=jax.random.PRNGKey(cfg.seed), image_shape=image_shape,
+                           batch_size=cfg.batch_size, grad_level=cfg.grad_level)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  log_path = os.path.join(workdir, "metrics.jsonl")
+  if resume_step is not None:
+    state, _ = checkpoint.restore(ckpt_dir, resume_step, state)
+    _rewind_log(log_path, resume_step)
+  elif os.path.exists(log_path):
+    os.remove(log_path)
+  state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  train_step = step_lib.make_train_step(exp.model, exp.tasks, exp.method, exp.optimizer,
+                                        grad_level=cfg.grad_level, mesh=mesh)
+  eval_step = step_lib.make_eval_step(exp.model, exp.tasks, mesh=mesh)
+  mngr = checkpoint.manager(ckpt_dir, cfg.keep_checkpoints)
+
+  def save():
+    position = pipeline.position(int(state.step), len(train_arrays["image"]), cfg.batch_size)
+    checkpoint.save(mngr, state, {"config": config_lib.identity(cfg), "data_position": position,
+                                  "seed": cfg.seed})
+
+  first = int(state.step)
+  last = cfg.num_steps if stop_after is None else min(cfg.num_steps, first + stop_after)
+  bar = _progress(first, cfg.num_steps, progress)
+  tick, tick_step = time.perf_counter(), first
+  with open(log_path, "a") as log:
+    for step in range(first, last):
+      batch = pipeline.train_batch(train_arrays, seed=cfg.seed, step=step,
+                                   batch_size=cfg.batch_size)
+      state, step_metrics = train_step(state, step_lib.shard_batch(batch, mesh))
+      done = step + 1
+      if cfg.log_every and (done % cfg.log_every == 0 or done == last):
+        record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        now = time.perf_counter()
+        record.update(step=done, split="train", learning_rate=float(exp.schedule(step)),
+                      steps_per_sec=(done - tick_step) / (now - tick))
+        tick, tick_step = now, done
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        bar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in record.items()
+                         if k.startswith("loss/")})
+      if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.num_steps:
+        results = evaluate_split(eval_step, state, val_arrays, exp.tasks, cfg.eval_batch_size,
+                                 mesh)
+        log.write(json.dumps({"step": done, "split": "validation",
+                              **_flat(results, "validation")}) + "\n")
+        log.flush()
+      if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == last:
+        save()
+      bar.update(1)
+  bar.close()
+  mngr.close()
+  if int(state.step) < cfg.num_steps:
+    return {}
+  return report(cfg, workdir, exp, state, eval_step, mesh, val_arrays)
+
+
+def report(cfg, workdir, exp, state, eval_step, mesh, val_arrays=None) -> dict:
+  """Evaluates on validation and test; writes results.json, results.md and curves.png."""
+  if val_arrays is None:
+    val_arrays = load_data(cfg, "validation", exp.label_keys)
+  test_arrays = load_data(cfg, "test", exp.label_keys)
+  baselines = {t: dict(m) for t, m in cfg.baselines.items()}
+  out, tables = {"step": int(state.step), "baselines": baselines}, []
+  for split, arrays in (("validation", val_arrays), ("test", test_arrays)):
+    results = evaluate_split(eval_step, state, arrays, exp.tasks, cfg.eval_batch_size, mesh)
+    delta = metrics.delta_m(exp.tasks, results, baselines)
+    out[split] = {"metrics": results, "delta_m": delta}
+    tables.append(metrics.format_table(results, None if np.isnan(delta) else delta,
+                                       f"{split}, step {int(state.step)}, "
+                                       f"method {cfg.weighting.name}"))
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(out, f, indent=2)
+  text = "\n\n".join(tables)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(text + "\n")
+  print(text)
+  plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
+  return out
+
+
+def evaluate(cfg, workdir: str) -> dict:
+  """Restores the newest checkpoint of ``workdir`` and writes the results (``mtjax eval``)."""
+  mesh = step_lib.make_mesh()
+  config_lib.validate(cfg, mesh.size)
+  step = check_workdir(cfg, workdir)
+  if step is None:
+    raise ValueError(f"workdir {workdir!r} has no checkpoint to evaluate")
+  exp = build(cfg)
+  size = tuple(cfg.dataset.image_size)
+  state = state_lib.create(exp.model, cfg.tasks, exp.method, exp.optimizer,
+                           key=jax.random.PRNGKey(cfg.seed), image_shape=(*size, 3),
+                           batch_size=cfg.batch_size, grad_level=cfg.grad_level)
+  state, _ = checkpoint.restore(os.path.join(workdir, "checkpoints"), step, state)
+  eval_step = step_lib.make_eval_step(exp.model, exp.tasks, mesh=mesh)
+  return report(cfg, workdir, exp, state, eval_step, mesh)
+
+
+def plot_curves(log_path: str, png_path: str) -> None:
+  """Per-task training losses, task weights and validation metrics against the step."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  with open(log_path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  train = [r for r in records if r["split"] == "train"]
+  val = [r for r in records if r["split"] == "validation"]
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  for ax, prefix, title in ((axes[0], "loss/", "training loss"),
+                            (axes[1], "weight/", "task weight")):
+    for key in sorted({k for r in train for k in r if k.startswith(prefix)}):
+      ax.plot([r["step"] for r in train], [r[key] for r in train], label=key[len(prefix):])
+    ax.set(title=title, xlabel="step")
+    ax.legend()
+  axes[0].set_yscale("log")
+  for key in sorted({k for r in val for k in r if k.startswith("validation/")}):
+    if key.split("/")[-1] in ("miou", "abs_err", "mean_angle", "accuracy"):
+      axes[2].plot([r["step"] for r in val], [r[key] for r in val], marker="o",
+                   label=key[len("validation/"):])
+  axes[2].set(title="validation metrics", xlabel="step")
+  axes[2].legend()
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=80)
+  plt.close(fig)
+
+
+def _progress(initial, total, enabled):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True,
+              desc="train")
