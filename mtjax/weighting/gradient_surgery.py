@@ -126,7 +126,7 @@ def gradvac_coefficients(g, targets, orders, beta, ema_on_adjust_only=False):
   """GradVac's edited gradients as coefficients on the originals (Wang et al., 2021, Alg. 1).
 
   For each task ``i`` and each other ``j`` in ``orders[i]``: ``φ = cos(g_i', g_j)``; when
-  ``φ < φ̂_ij``, ``g_i' <- g_i' + w g_j`` with (Sec. 3.2)
+  ``φ < φ̂_ij``, ``g_i' <- g_i' + w g_j`` with the paper's closed form
   ``w = |g_i'| (φ̂ sqrt(1-φ²) - φ sqrt(1-φ̂²)) / (|g_j| sqrt(1-φ̂²))``, which makes
   ``cos(g_i', g_j) = φ̂`` exactly; then ``φ̂_ij <- (1-β) φ̂_ij + β φ`` (only when ``g_i'`` was
   adjusted if ``ema_on_adjust_only``, as LibMTL's ``GradVac.py`` does). Returns ``(C, targets)``
@@ -192,7 +192,7 @@ def gradvac(beta: float = 0.5, ema_on_adjust_only: bool = False) -> Method:
 
 
 def graddrop(leak: float = 0.0) -> Method:
-  """Gradient Sign Dropout (Chen et al., 2020, "Just Pick a Sign", Eqs. 1-3).
+  """Gradient Sign Dropout (Chen et al., 2020, "Just Pick a Sign").
 
   Per element: purity ``P = ½ (1 + Σ_t g_t / Σ_t |g_t|)``; with ``U ~ Uniform(0, 1)`` drawn from
   ``key``, keep the positive contributions where ``U < P`` and the negative ones where
@@ -238,7 +238,7 @@ _SCALE_MODES = ("min", "median", "rmse")
 
 
 def aligned_mtl_matrix(g: jax.Array, scale_mode: str = "min") -> jax.Array:
-  """The ``(T, T)`` alignment matrix ``B`` of Aligned-MTL (Senushkin et al., 2023, Sec. 4).
+  """The ``(T, T)`` alignment matrix ``B`` of Aligned-MTL (Senushkin et al., 2023).
 
   With ``G = V Λ V^T`` (the Gram matrix), ``B = sqrt(λ_s) V Λ^{-1/2} V^T``, restricted to the
   eigenvalues above the reference code's tolerance ``max(λ) · T · eps_float32`` (rank
@@ -301,7 +301,7 @@ def _pinv_psd(m: jax.Array, rtol: float) -> jax.Array:
 
 
 def con_fig_weights(g: jax.Array) -> jax.Array:
-  """ConFIG's weights from the Gram matrix ``g`` (Liu et al., 2024, Eq. 2 and Sec. 3.1).
+  """ConFIG's weights from the Gram matrix ``g`` (Liu et al., 2024).
 
   With unit gradients ``u_t`` (rows of ``U``), the direction ``x = U^T (U U^T)^+ 1`` (the
   minimum-norm solution of ``U x = 1``, what the reference's ``lstsq`` returns) has the same
