@@ -101,17 +101,22 @@ def _flatten(d, prefix=""):
   return out
 
 
+# Trailing shape of each dense label key (after batch, height, width).
+_DENSE_LABELS = {"segmentation": (), "depth": (), "depth_valid": (), "normals": (3,),
+                 "instances": ()}
+
+
 def check_batch(cfg, batch, num_classes: int, batch_size: int) -> None:
   """Raises ValueError when ``batch`` does not have the shapes ``cfg`` implies."""
   height, width = tuple(cfg.dataset.image_size)
+  keys = data.dataset_info(cfg.dataset.name)["tasks"]
   expected = {"image": (batch_size, height, width, 3)}
-  dense = {"segmentation": (), "depth": (), "depth_valid": (), "normals": (3,)}
   for name in cfg.tasks:
-    for key, tail in dense.items():
-      if key in batch and name in ("segmentation", "depth", "normals"):
-        expected[key] = (batch_size, height, width, *tail)
-    if name == "classification":
-      expected["labels"] = (batch_size, num_classes - 1)
+    for key in keys[name]:
+      if key in _DENSE_LABELS:
+        expected[key] = (batch_size, height, width, *_DENSE_LABELS[key])
+      elif key == "labels":
+        expected[key] = (batch_size, num_classes - 1)
   for key, shape in expected.items():
     if key not in batch:
       raise ValueError(f"batch: missing {key!r}, needed by config.tasks {tuple(cfg.tasks)}")

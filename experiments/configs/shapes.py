@@ -16,8 +16,9 @@ from mtjax.config import weighting_config
 def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.dataset = ml_collections.ConfigDict(
-      {"name": "shapes", "image_size": (64, 64), "data_dir": "", "num_train": 0})
+  config.dataset = ml_collections.ConfigDict({
+      "name": "shapes", "image_size": (64, 64), "data_dir": "",
+      "split_sizes": {"train": 4000, "validation": 500, "test": 500}})
   config.tasks = ("segmentation", "depth", "normals")
   config.model = ml_collections.ConfigDict({
       "backbone": "resnet_tiny", "width": 16, "output_stride": 4, "stem": "small",

@@ -53,8 +53,7 @@ def build(cfg) -> Experiment:
 def load_data(cfg, split: str, label_keys) -> dict:
   arrays = data.load_split(cfg.dataset.name, split, image_size=tuple(cfg.dataset.image_size),
                            data_dir=cfg.dataset.data_dir or None,
-                           num_examples=(cfg.dataset.num_train or None) if split == "train"
-                           else None)
+                           split_sizes=dict(cfg.dataset.split_sizes))
   return pipeline.select(arrays, label_keys)
 
 

@@ -1,0 +1,56 @@
+"""Small shared fixtures: a tiny multi-task model and real scenes from the renderer."""
+
+import ml_collections
+import numpy as np
+import optax
+
+from mtjax import tasks as tasks_lib
+from mtjax.data import NUM_CLASSES, render_scene
+from mtjax.models import build
+
+TASKS = ("segmentation", "depth", "normals", "classification")
+
+
+def scenes(n, size=32, seed=0):
+  """A batch of ``n`` rendered scenes with every task's labels."""
+  rng = np.random.default_rng(seed)
+  examples = [render_scene(rng, size, size) for _ in range(n)]
+  keys = ("image", "segmentation", "depth", "depth_valid", "normals", "labels")
+  return {k: np.stack([e[k] for e in examples]) for k in keys}
+
+
+def tiny_setup(task_names=TASKS):
+  tasks = {n: tasks_lib.get(n, NUM_CLASSES) for n in task_names}
+  heads = {n: (t.head, tasks_lib.head_channels(n, NUM_CLASSES)) for n, t in tasks.items()}
+  model = build("resnet_tiny", heads, width=8, output_stride=4, stem="small", head_hidden=8)
+  return model, tasks, optax.sgd(0.1, momentum=0.9)
+
+
+def tiny_config(data_dir, **overrides):
+  """The default experiment shrunk to seconds: 32×32 images, a few dozen examples."""
+  import importlib.util
+  import pathlib
+
+  path = pathlib.Path(__file__).parents[1] / "experiments" / "configs" / "shapes.py"
+  spec = importlib.util.spec_from_file_location("shapes_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config(overrides.pop("method", None))
+  cfg.dataset.image_size = (32, 32)
+  cfg.dataset.data_dir = str(data_dir)
+  cfg.dataset.split_sizes = ml_collections.ConfigDict({"train": 32, "validation": 8, "test": 8})
+  cfg.model.width = 8
+  cfg.model.head_hidden = 8
+  cfg.batch_size = 8
+  cfg.eval_batch_size = 8
+  cfg.num_steps = 6
+  cfg.log_every = 2
+  cfg.eval_every = 3
+  cfg.checkpoint_every = 2
+  for key, value in overrides.items():
+    target = cfg
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return cfg
