@@ -125,7 +125,7 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
     _rewind_log(log_path, resume_step)
   elif os.path.exists(log_path):
     os.remove(log_path)
-  state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  state = step_lib.replicate(state, mesh)
   train_step = step_lib.make_train_step(exp.model, exp.tasks, exp.method, exp.optimizer,
                                         grad_level=cfg.grad_level, mesh=mesh)
   eval_step = step_lib.make_eval_step(exp.model, exp.tasks, mesh=mesh)
@@ -146,7 +146,7 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
                                    batch_size=cfg.batch_size)
       state, step_metrics = train_step(state, step_lib.shard_batch(batch, mesh))
       done = step + 1
-      if cfg.log_every and (done % cfg.log_every == 0 or done == last):
+      if cfg.log_every and (done % cfg.log_every == 0 or done == cfg.num_steps):
         record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         now = time.perf_counter()
         record.update(step=done, split="train", learning_rate=float(exp.schedule(step)),

@@ -42,7 +42,7 @@ def create(model, task_names, method, optimizer, *, key, image_shape, batch_size
     grads_like = jnp.zeros(features.shape, features.dtype)
   else:
     grads_like = jax.tree_util.tree_map(jnp.zeros_like, params[SHARED])
-  return TrainState(
+  state = TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       batch_stats=batch_stats,
@@ -50,3 +50,6 @@ def create(model, task_names, method, optimizer, *, key, image_shape, batch_size
       weighting_state=method.init(len(task_names), grads_like),
       key=root_key,
   )
+  # One buffer per leaf: a method's init may reuse an array (``zeros, zeros``), and the train
+  # step donates the state, which fails on a buffer passed twice.
+  return jax.tree_util.tree_map(jnp.copy, state)

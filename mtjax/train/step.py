@@ -32,6 +32,12 @@ def shard_batch(batch, mesh: Mesh):
   return jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
 
 
+def replicate(tree, mesh: Mesh):
+  """Copies ``tree`` onto every device of ``mesh``, one fresh buffer per leaf (donatable)."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.tree_util.tree_map(lambda x: jax.device_put(np.array(x), replicated), tree)
+
+
 def _collection(variables, scope):
   return {scope: variables[scope]} if scope in variables else {}
 
@@ -118,7 +124,7 @@ def make_train_step(model, tasks, method, optimizer, *, grad_level="parameter", 
         model, tasks, method, grad_level, state, batch, key)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": jnp.sum(losses), "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": jnp.sum(losses), "grad_norm": optax.tree_utils.tree_l2_norm(grads)}
     for i, name in enumerate(names):
       metrics[f"loss/{name}"] = losses[i]
       metrics[f"weight/{name}"] = weights[i]
