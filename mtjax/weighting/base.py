@@ -93,3 +93,18 @@ def safe_norm(x: jax.Array, axis=-1, eps: float = 1e-12) -> jax.Array:
   """Euclidean norm whose value and gradient stay finite at zero."""
   sq = jnp.sum(jnp.square(x), axis=axis)
   return jnp.where(sq > eps * eps, jnp.sqrt(jnp.where(sq > eps * eps, sq, 1.0)), 0.0)
+
+
+def adam_step(params, grad, mu, nu, count, lr, b1=0.9, b2=0.999, eps=1e-8):
+  """One bias-corrected Adam step (Kingma & Ba, 2015), as ``torch.optim.Adam``.
+
+  For the small learnable vectors some methods keep in their state (FAMO's logits, GradNorm's
+  weights, Auto-Lambda's weights). Returns ``(params, mu, nu, count)``.
+  """
+  count = count + 1
+  mu = b1 * mu + (1 - b1) * grad
+  nu = b2 * nu + (1 - b2) * jnp.square(grad)
+  t = count.astype(jnp.float32)
+  mu_hat = mu / (1 - b1 ** t)
+  nu_hat = nu / (1 - b2 ** t)
+  return params - lr * mu_hat / (jnp.sqrt(nu_hat) + eps), mu, nu, count

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mtjax.weighting.base import EmptyState, Method, gram, num_tasks_of, weighted_sum
+from mtjax.weighting.base import EmptyState, Method, adam_step, gram, num_tasks_of, weighted_sum
 
 _TINY = 1e-12
 
@@ -76,12 +76,8 @@ def gradnorm(alpha: float = 1.5, lr: float = 0.025) -> Method:
     target = jnp.mean(g_norm) * inv_rate ** alpha
     grad = jnp.sign(g_norm - target) * norms
 
-    count = state.count + 1
-    mu = 0.9 * state.mu + 0.1 * grad
-    nu = 0.999 * state.nu + 0.001 * jnp.square(grad)
-    t = count.astype(jnp.float32)
-    step = (mu / (1 - 0.9 ** t)) / (jnp.sqrt(nu / (1 - 0.999 ** t)) + 1e-8)
-    new_w = jnp.maximum(w - lr * step, 1e-6)
+    new_w, mu, nu, count = adam_step(w, grad, state.mu, state.nu, state.count, lr)
+    new_w = jnp.maximum(new_w, 1e-6)
     new_w = num_tasks * new_w / jnp.sum(new_w)
     new_state = GradNormState(new_w, initial, mu, nu, count)
     return weighted_sum(task_grads, w), new_state, w

@@ -5,7 +5,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mtjax.weighting.base import EmptyState, Method, combine_or_none
+from mtjax.weighting.base import EmptyState, Method, adam_step, combine_or_none
 
 _TINY = 1e-12
 
@@ -216,7 +216,7 @@ def famo(w_lr: float = 0.025, gamma: float = 1e-3) -> Method:
     delta = jnp.log(prev_gap) - jnp.log(gap)
     z = jax.nn.softmax(state.logits)
     grad = z * (delta - jnp.dot(z, delta)) + gamma * state.logits  # J_softmax^T δ + L2 decay
-    logits, mu, nu, count = _adam_step(state.logits, grad, state.mu, state.nu, state.count,
+    logits, mu, nu, count = adam_step(state.logits, grad, state.mu, state.nu, state.count,
                                        w_lr)
     keep = state.has_prev
     logits = jnp.where(keep, logits, state.logits)
@@ -233,15 +233,5 @@ def famo(w_lr: float = 0.025, gamma: float = 1e-3) -> Method:
 
   return Method(init, update, "loss")
 
-
-def _adam_step(params, grad, mu, nu, count, lr, b1=0.9, b2=0.999, eps=1e-8):
-  """One bias-corrected Adam step (Kingma & Ba, 2015), as ``torch.optim.Adam``."""
-  count = count + 1
-  mu = b1 * mu + (1 - b1) * grad
-  nu = b2 * nu + (1 - b2) * jnp.square(grad)
-  t = count.astype(jnp.float32)
-  mu_hat = mu / (1 - b1 ** t)
-  nu_hat = nu / (1 - b2 ** t)
-  return params - lr * mu_hat / (jnp.sqrt(nu_hat) + eps), mu, nu, count
 
 METHODS = {"ew": ew, "fixed": fixed, "uw": uw, "dwa": dwa, "rlw": rlw, "gls": gls, "famo": famo}
