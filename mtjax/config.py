@@ -63,6 +63,8 @@ def validate(cfg, num_devices: int = 1) -> None:
     weighting.get(cfg.weighting.name, **weighting_kwargs(cfg))
   except (TypeError, ValueError) as e:
     raise ValueError(f"config.weighting: {e}") from e
+  _check(cfg.meta_split in ("train", "validation"), "meta_split", cfg.meta_split,
+         "'train' or 'validation' (where Auto-Lambda's meta batches come from)")
   _check(cfg.grad_level in GRAD_LEVELS, "grad_level", cfg.grad_level, f"one of {GRAD_LEVELS}")
   opt = cfg.optimizer
   _check(opt.name in optim.OPTIMIZERS, "optimizer.name", opt.name, f"one of {optim.OPTIMIZERS}")

@@ -17,6 +17,7 @@ from mtjax import checkpoint, data, metrics, models, weighting
 from mtjax import config as config_lib
 from mtjax import tasks as tasks_lib
 from mtjax.data import pipeline
+from mtjax.train import meta as meta_lib
 from mtjax.train import optim
 from mtjax.train import state as state_lib
 from mtjax.train import step as step_lib
@@ -126,8 +127,18 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   elif os.path.exists(log_path):
     os.remove(log_path)
   state = step_lib.replicate(state, mesh)
-  train_step = step_lib.make_train_step(exp.model, exp.tasks, exp.method, exp.optimizer,
-                                        grad_level=cfg.grad_level, mesh=mesh)
+  if exp.method.level == "meta":
+    meta_arrays = train_arrays if cfg.meta_split == "train" else val_arrays
+    meta_step = meta_lib.make_meta_train_step(exp.model, exp.tasks, exp.method, exp.optimizer,
+                                              lookahead_lr=exp.schedule, mesh=mesh)
+
+    def train_step(state, batch):  # the meta batch: an independent draw, seeded by seed + 1
+      meta_batch = pipeline.train_batch(meta_arrays, seed=cfg.seed + 1, step=int(state.step),
+                                        batch_size=cfg.batch_size)
+      return meta_step(state, batch, step_lib.shard_batch(meta_batch, mesh))
+  else:
+    train_step = step_lib.make_train_step(exp.model, exp.tasks, exp.method, exp.optimizer,
+                                          grad_level=cfg.grad_level, mesh=mesh)
   eval_step = step_lib.make_eval_step(exp.model, exp.tasks, mesh=mesh)
   mngr = checkpoint.manager(ckpt_dir, cfg.keep_checkpoints)
 

@@ -122,16 +122,23 @@ def make_train_step(model, tasks, method, optimizer, *, grad_level="parameter", 
     key = jax.random.fold_in(state.key, state.step)
     grads, wstate, batch_stats, losses, weights = task_gradients(
         model, tasks, method, grad_level, state, batch, key)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": jnp.sum(losses), "grad_norm": optax.tree_utils.tree_l2_norm(grads)}
-    for i, name in enumerate(names):
-      metrics[f"loss/{name}"] = losses[i]
-      metrics[f"weight/{name}"] = weights[i]
-    new_state = TrainState(state.step + 1, params, batch_stats, opt_state, wstate, state.key)
-    return new_state, metrics
+    return apply_gradients(state, optimizer, names, grads, wstate, batch_stats, losses, weights)
 
   return jit_step(step, mesh, donate)
+
+
+def apply_gradients(state: TrainState, optimizer, names, grads, weighting_state, batch_stats,
+                    losses, weights):
+  """The optimizer update that ends a train step, and the step's metrics."""
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": jnp.sum(losses), "grad_norm": optax.tree_utils.tree_l2_norm(grads)}
+  for i, name in enumerate(names):
+    metrics[f"loss/{name}"] = losses[i]
+    metrics[f"weight/{name}"] = weights[i]
+  new_state = TrainState(state.step + 1, params, batch_stats, opt_state, weighting_state,
+                         state.key)
+  return new_state, metrics
 
 
 def jit_step(step, mesh=None, donate=True):

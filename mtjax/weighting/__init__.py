@@ -7,7 +7,13 @@
 
 import inspect
 
-from mtjax.weighting import gradient_surgery, gradient_weighting, loss_weighting, multi_objective
+from mtjax.weighting import (
+    gradient_surgery,
+    gradient_weighting,
+    loss_weighting,
+    meta,
+    multi_objective,
+)
 from mtjax.weighting.base import LEVELS, EmptyState, Method, gram, weighted_sum
 
 _REGISTRY = {
@@ -15,6 +21,7 @@ _REGISTRY = {
     **gradient_weighting.METHODS,
     **multi_objective.METHODS,
     **gradient_surgery.METHODS,
+    **meta.METHODS,
 }
 
 

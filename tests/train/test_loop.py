@@ -131,3 +131,12 @@ def test_batch_of_the_wrong_shape(data_dir):
   batch["segmentation"] = np.zeros((8, 32, 32))
   with pytest.raises(ValueError, match="batch: missing 'depth'"):
     config_lib.check_batch(cfg, batch, 5, 8)
+
+
+def test_meta_method_trains_with_its_own_step(data_dir, tmp_path):
+  cfg = tiny_config(data_dir, method="auto_lambda", **{"weighting.meta_lr": 0.01})
+  out = loop.train(cfg, str(tmp_path), progress=False)
+  records = [r for r in _log(tmp_path) if r["split"] == "train"]
+  assert all(np.isfinite(r["meta_grad/depth"]) for r in records)
+  assert records[-1]["weight/depth"] != 0.1  # λ moved from its initial value
+  assert np.isfinite(out["test"]["metrics"]["depth"]["abs_err"])
