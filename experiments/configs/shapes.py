@@ -22,14 +22,14 @@ def get_config(arg=None):
   config.tasks = ("segmentation", "depth", "normals")
   config.model = ml_collections.ConfigDict({
       "backbone": "resnet_tiny", "width": 16, "output_stride": 4, "stem": "small",
-      "head_hidden": 32, "dtype": "float32"})
+      "head_hidden": 64, "dtype": "float32"})
   config.weighting = weighting_config(arg or "ew")
   config.grad_level = "parameter"  # or "representation": where gradient methods act
   # Meta-level methods (auto_lambda): the split their meta batches are drawn from (an
   # independent order); "validation" holds it out, but then validation metrics are not held out.
   config.meta_split = "train"
   config.optimizer = ml_collections.ConfigDict({
-      "name": "adam", "learning_rate": 3e-3, "schedule": "warmup_cosine", "warmup_steps": 50,
+      "name": "adam", "learning_rate": 5e-3, "schedule": "warmup_cosine", "warmup_steps": 50,
       "momentum": 0.9, "weight_decay": 0.0, "grad_clip": 0.0})
   config.batch_size = 32
   config.num_steps = 1000

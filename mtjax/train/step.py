@@ -132,7 +132,7 @@ def apply_gradients(state: TrainState, optimizer, names, grads, weighting_state,
   """The optimizer update that ends a train step, and the step's metrics."""
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": jnp.sum(losses), "grad_norm": optax.tree_utils.tree_l2_norm(grads)}
+  metrics = {"loss": jnp.sum(losses), "grad_norm": optax.tree_utils.tree_norm(grads)}
   for i, name in enumerate(names):
     metrics[f"loss/{name}"] = losses[i]
     metrics[f"weight/{name}"] = weights[i]

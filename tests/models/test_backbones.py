@@ -45,23 +45,24 @@ def test_multitask_outputs_and_methods_agree():
                                 "classification": ("classification", 4)},
                 width=8, output_stride=4, stem="small", head_hidden=8)
   images = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
-  variables = model.init(jax.random.PRNGKey(0), images)
-  out = model.apply(variables, images)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
+  out = jax.jit(model.apply)(variables, images)
   assert out["features"].shape == (2, 8, 8, 32)
   assert out["segmentation"].shape == (2, 32, 32, 5)
   assert out["depth"].shape == (2, 32, 32, 1)
   assert out["classification"].shape == (2, 4)
-  features = model.apply(variables, images, method="encode")
-  depth = model.apply(variables, features, "depth", (32, 32), method="decode")
+  features = jax.jit(lambda v, x: model.apply(v, x, method="encode"))(variables, images)
+  depth = jax.jit(lambda v, f: model.apply(v, f, "depth", (32, 32), method="decode"))(
+      variables, features)
   assert jnp.allclose(features, out["features"]) and jnp.allclose(depth, out["depth"])
 
 
 def test_bfloat16_compute_keeps_float32_params_and_outputs():
   model = build("resnet_tiny", {"depth": ("dense", 1)}, width=8, stem="small", dtype="bfloat16")
   images = jnp.ones((1, 16, 16, 3))
-  variables = model.init(jax.random.PRNGKey(0), images)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables["params"]))
-  out = model.apply(variables, images)
+  out = jax.jit(model.apply)(variables, images)
   assert out["features"].dtype == jnp.bfloat16 and out["depth"].dtype == jnp.float32
   with pytest.raises(ValueError, match="model.dtype"):
     build("resnet_tiny", {"depth": ("dense", 1)}, dtype="float16")

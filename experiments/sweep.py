@@ -1,0 +1,89 @@
+"""Runs every weighting method (and the single-task baselines) on one config; writes a table.
+
+    python experiments/sweep.py --config experiments/configs/shapes.py --workdir workdirs/sweep \
+        [--methods ew,pcgrad,...] [--config.num_steps=400 ...]
+
+First each task is trained alone with the same model, steps and seed (the single-task
+baselines, ``stl_<task>/``); then each method in ``<method>/``, with Δm% against those
+baselines on the same split. Runs resume from their checkpoints, so an interrupted sweep picks
+up where it stopped. Writes ``sweep.md`` and ``sweep.json`` in the workdir.
+"""
+
+import copy
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mtjax import config as config_lib
+from mtjax import weighting
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and the table go.")
+_METHODS = flags.DEFINE_string("methods", "all", "Comma-separated method names, or 'all'.")
+_SPLIT = flags.DEFINE_string("split", "test", "The split the table reports.")
+
+
+def _with(cfg, **fields):
+  cfg = copy.deepcopy(cfg)
+  with cfg.unlocked():
+    for key, value in fields.items():
+      cfg[key] = value
+  return cfg
+
+
+def run_sweep(cfg, workdir: str, methods, split: str = "test", progress: bool = False) -> dict:
+  """Trains the baselines and ``methods``; returns ``{"baselines": ..., "runs": ...}``."""
+  from mtjax.train import loop
+
+  baselines = {}
+  for task in cfg.tasks:
+    stl = _with(cfg, tasks=(task,), weighting=config_lib.weighting_config("ew"), baselines={})
+    out = loop.train(stl, os.path.join(workdir, f"stl_{task}"), progress=progress)
+    baselines[task] = out[split]["metrics"][task]
+  runs = {}
+  for name in methods:
+    run_cfg = _with(cfg, weighting=config_lib.weighting_config(name), baselines=baselines)
+    out = loop.train(run_cfg, os.path.join(workdir, name), progress=progress)
+    runs[name] = {"level": weighting.get(name).level, **out[split]}
+  result = {"split": split, "grad_level": cfg.grad_level, "num_steps": cfg.num_steps,
+            "seed": cfg.seed, "baselines": baselines, "runs": runs}
+  with open(os.path.join(workdir, "sweep.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  with open(os.path.join(workdir, "sweep.md"), "w") as f:
+    f.write(format_sweep(result) + "\n")
+  return result
+
+
+def format_sweep(result) -> str:
+  """A Markdown table: one row per method (and the baselines), the metrics, Δm%."""
+  baselines = result["baselines"]
+  columns = [(task, metric) for task, values in baselines.items() for metric in values]
+  header = ["method", "level"] + [f"{t} {m}" for t, m in columns] + ["Δm% ↓"]
+  lines = [f"{result['split']} split, {result['num_steps']} steps, seed {result['seed']}, "
+           f"gradient methods at the {result['grad_level']} level", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines.append("| single-task baselines | — | "
+               + " | ".join(f"{baselines[t][m]:.4f}" for t, m in columns) + " | 0 |")
+  for name, run in sorted(result["runs"].items(), key=lambda kv: kv[1]["delta_m"]):
+    cells = [f"{run['metrics'][t][m]:.4f}" for t, m in columns]
+    lines.append(f"| {name} | {run['level']} | " + " | ".join(cells)
+                 + f" | {run['delta_m']:+.2f} |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  methods = weighting.names() if _METHODS.value == "all" else _METHODS.value.split(",")
+  for name in methods:
+    weighting.get(name)  # fail early on a bad name
+  result = run_sweep(_CONFIG.value, _WORKDIR.value, methods, _SPLIT.value)
+  print(format_sweep(result))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
