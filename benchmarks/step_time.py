@@ -25,14 +25,12 @@ import time
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from mtjax import tasks as tasks_lib
 from mtjax import weighting
 from mtjax.models import build
-from mtjax.models.multitask import SHARED
 from mtjax.train import meta as meta_lib
 from mtjax.train import state as state_lib
 from mtjax.train import step as step_lib
@@ -43,7 +41,7 @@ GRAD_LEVELS = step_lib.GRAD_LEVELS
 # heads conv3×3(2048→256)+BN+ReLU, conv1×1, bilinear upsampling; 13-class segmentation, depth,
 # normals; batch 16 of 288×384; SGD with momentum; bf16 compute.
 SETUPS = {
-    "tiny": dict(backbone="resnet_tiny", width=16, stem="small", output_stride=4, head_hidden=32,
+    "tiny": dict(backbone="resnet_tiny", width=16, stem="small", output_stride=4, head_hidden=64,
                  num_classes=5, image_size=(64, 64), batch=32, optimizer="adam",
                  learning_rate=1e-3, dtype="float32"),
     "resnet50": dict(backbone="resnet50", width=64, stem="imagenet", output_stride=8,
@@ -159,16 +157,9 @@ def base_state(model, tasks, optimizer, cfg):
 
 def fresh_state(base, model, method, num_tasks, grad_level, cfg):
   """``base`` with ``method``'s initial weighting state, as :func:`state_lib.create` makes it."""
-  if grad_level == "representation":
-    features = jax.eval_shape(
-        lambda p, s: model.apply({"params": p, "batch_stats": s},
-                                 np.zeros((cfg["batch"], *cfg["image_size"], 3), np.float32),
-                                 method="encode"),
-        base.params, base.batch_stats)
-    grads_like = jnp.asarray(np.zeros(features.shape, features.dtype))
-  else:  # zeros put on the device, not made by ops (no compilations after clear_caches)
-    grads_like = jax.tree_util.tree_map(lambda x: jnp.asarray(np.zeros_like(x)),
-                                        base.params[SHARED])
+  grads_like = state_lib.zero_gradient(model, base.params, base.batch_stats,
+                                       grad_level=grad_level, image_shape=(*cfg["image_size"], 3),
+                                       batch_size=cfg["batch"])
   return base._replace(weighting_state=method.init(num_tasks, grads_like))
 
 

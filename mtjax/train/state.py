@@ -4,6 +4,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtjax.models.multitask import SHARED
 
@@ -22,6 +23,22 @@ class TrainState(NamedTuple):
   key: jax.Array
 
 
+def zero_gradient(model, params, batch_stats, *, grad_level, image_shape, batch_size):
+  """Zeros shaped like one task's gradient at ``grad_level``: what ``method.init`` receives.
+
+  The shared parameters at the parameter level, the shared features of a global batch at the
+  representation level. Made on the host, so no computation is compiled.
+  """
+  if grad_level == "representation":
+    features = jax.eval_shape(
+        lambda p, s: model.apply({"params": p, "batch_stats": s},
+                                 jnp.zeros((batch_size, *image_shape)), method="encode"),
+        params, batch_stats)
+    return jnp.asarray(np.zeros(features.shape, features.dtype))
+  return jax.tree_util.tree_map(lambda x: jnp.asarray(np.zeros(x.shape, x.dtype)),
+                                params[SHARED])
+
+
 def create(model, task_names, method, optimizer, *, key, image_shape, batch_size,
            grad_level="parameter") -> TrainState:
   """A fresh state; ``key`` seeds the parameters and becomes the root key of the run.
@@ -34,14 +51,8 @@ def create(model, task_names, method, optimizer, *, key, image_shape, batch_size
   variables = model.init(init_key, dummy, train=False)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
-  if grad_level == "representation":
-    features = jax.eval_shape(
-        lambda p, s: model.apply({"params": p, "batch_stats": s},
-                                 jnp.zeros((batch_size, *image_shape)), method="encode"),
-        params, batch_stats)
-    grads_like = jnp.zeros(features.shape, features.dtype)
-  else:
-    grads_like = jax.tree_util.tree_map(jnp.zeros_like, params[SHARED])
+  grads_like = zero_gradient(model, params, batch_stats, grad_level=grad_level,
+                             image_shape=image_shape, batch_size=batch_size)
   state = TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
