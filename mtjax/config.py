@@ -20,7 +20,9 @@ def weighting_config(name: str = "ew") -> ml_collections.ConfigDict:
   """``{"name": name, <each hyperparameter>: <its default>}`` for a config file."""
   fields = {"name": name}
   for key, value in weighting.hparams(name).items():
-    fields[key] = value
+    # A None default (e.g. fixed weights, a preference vector) stands for an optional tuple:
+    # typed, so that `--config.weighting.weights='(1., 2., 1.)'` can set it.
+    fields[key] = ml_collections.FieldReference(None, field_type=tuple) if value is None else value
   return ml_collections.ConfigDict(fields)
 
 
