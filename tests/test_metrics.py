@@ -12,8 +12,8 @@ TASKS = {n: tasks.get(n, 13) for n in ("segmentation", "depth", "normals")}
 def _row(miou, pix, abs_err, rel_err, mean, med, t1, t2, t3):
   return {"segmentation": {"miou": miou, "pixel_acc": pix},
           "depth": {"abs_err": abs_err, "rel_err": rel_err},
-          "normals": {"mean_angle": mean, "median_angle": med, "within_11.25": t1,
-                      "within_22.5": t2, "within_30.0": t3}}
+          "normals": {"mean_angle": mean, "median_angle": med, "within_11_25": t1,
+                      "within_22_5": t2, "within_30": t3}}
 
 
 STL = _row(38.30, 63.76, .6754, .2780, 25.01, 19.21, 30.14, 57.20, 69.15)

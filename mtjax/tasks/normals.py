@@ -14,6 +14,11 @@ NUM_BINS = int(180 / BIN_DEGREES)
 THRESHOLDS = (11.25, 22.5, 30.0)
 
 
+def threshold_name(t: float) -> str:
+  """``within_11_25``: the metric name of a threshold (no dots: config keys cannot hold them)."""
+  return "within_" + f"{t:g}".replace(".", "_")
+
+
 def _valid(batch):
   normals = batch["normals"]
   valid = batch["depth_valid"] if "depth_valid" in batch else jnp.any(normals != 0, axis=-1)
@@ -39,7 +44,7 @@ def metrics_fn(output, batch):
   hist = jnp.zeros((NUM_BINS,), jnp.float32).at[bins.reshape(-1)].add(valid.reshape(-1))
   metrics = {"mean_angle": (jnp.sum(angle * valid), count), "median_angle": (hist, count)}
   for t in THRESHOLDS:
-    metrics[f"within_{t}"] = (jnp.sum((angle < t) * valid), count)
+    metrics[threshold_name(t)] = (jnp.sum((angle < t) * valid), count)
   return metrics
 
 
@@ -52,7 +57,7 @@ def summarize(totals):
     idx = int(np.searchsorted(np.cumsum(hist), 0.5 * float(count)))
     out["median_angle"] = (idx + 0.5) * BIN_DEGREES
   for t in THRESHOLDS:
-    out[f"within_{t}"] *= 100.0
+    out[threshold_name(t)] *= 100.0
   return out
 
 
@@ -68,7 +73,7 @@ def task() -> Task:
       metrics_fn=metrics_fn,
       predict_fn=predict_fn,
       label_keys=("normals", "depth_valid"),
-      higher_is_better={"mean_angle": False, "median_angle": False, "within_11.25": True,
-                        "within_22.5": True, "within_30.0": True},
+      higher_is_better={"mean_angle": False, "median_angle": False,
+                        **{threshold_name(t): True for t in THRESHOLDS}},
       summarize_fn=summarize,
   )

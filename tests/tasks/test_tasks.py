@@ -71,7 +71,7 @@ def test_normals_angles_median_and_thresholds():
   out = tasks.summarize(task, task.metrics_fn(pred.astype(np.float32), batch))
   np.testing.assert_allclose(out["mean_angle"], angles.mean(), rtol=1e-4)
   assert abs(out["median_angle"] - np.median(angles)) <= normals_lib.BIN_DEGREES
-  np.testing.assert_allclose(out["within_22.5"], 100 * (angles < 22.5).mean(), atol=0.1)
+  np.testing.assert_allclose(out["within_22_5"], 100 * (angles < 22.5).mean(), atol=0.1)
 
 
 def test_classification_loss_and_accuracy():
