@@ -29,13 +29,14 @@ def delta_m(tasks, results, baselines) -> float:
   """Δm% (Maninis et al., 2019; Liu et al., 2022), averaged over the K metrics with a baseline.
 
   Δm% = (100 / K) Σ_k (−1)^{δ_k} (M_k − B_k) / B_k, with δ_k = 1 where higher is better: lower
-  is better, 0 means on par with the single-task baselines. NaN where no metric has a baseline.
+  is better, 0 means on par with the single-task baselines. Metrics without a baseline, or with
+  a zero one (the ratio is undefined), are left out; NaN where none is left.
   """
   terms = []
   for name, task in tasks.items():
     for metric, higher_is_better in task.higher_is_better.items():
       base = (baselines.get(name) or {}).get(metric)
-      if base is None or metric not in results.get(name, {}):
+      if not base or metric not in results.get(name, {}):  # no (or a zero) baseline
         continue
       sign = -1.0 if higher_is_better else 1.0
       terms.append(sign * (results[name][metric] - base) / base)
