@@ -37,7 +37,7 @@ def get_config(arg=None):
   config.eval_every = 500
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
-  config.eval_batch_size = 100
+  config.eval_batch_size = 128  # a multiple of the device count (1, 2, 4, 8, …)
   # Single-task results of the same model, steps and seed (Δm% is computed against them).
   config.baselines = ml_collections.ConfigDict()
   return config
