@@ -1,6 +1,5 @@
 """Aligned-MTL (Senushkin et al., 2023): aligned components orthogonal with equal norms."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,15 +7,13 @@ import pytest
 from mtjax import weighting
 from mtjax.weighting.base import gram
 from mtjax.weighting.gradient_surgery import aligned_mtl_matrix
+from tests.weighting import common
 
 _METHOD = weighting.get("aligned_mtl")
-_JIT_UPDATE = jax.jit(_METHOD.update)
 
 
-def _update(x, method=_METHOD, update=_JIT_UPDATE):
-  x = jnp.asarray(x, jnp.float32) if isinstance(x, np.ndarray) else x
-  num_tasks = jax.tree_util.tree_leaves(x)[0].shape[0]
-  return update(x, method.init(num_tasks), losses=jnp.ones(num_tasks), key=None)
+def _update(x, method=_METHOD):
+  return common.run_once(method, x, key=None)
 
 
 def _reference_weights(grads, scale_mode="min"):
@@ -64,7 +61,7 @@ def test_orthogonal_gradients_rescaled_to_the_smallest_norm():
 def test_scale_modes_match_reference(scale_mode):
   method = weighting.get("aligned_mtl", scale_mode=scale_mode)
   x = np.random.default_rng(2).normal(size=(4, 25)) * np.array([[0.3], [1.0], [3.0], [5.0]])
-  _, _, weights = _update(x, method, method.update)
+  _, _, weights = _update(x, method)
   np.testing.assert_allclose(weights, _reference_weights(x, scale_mode), rtol=1e-3, atol=1e-5)
   with pytest.raises(ValueError, match="scale_mode"):
     weighting.get("aligned_mtl", scale_mode="max")
@@ -100,18 +97,4 @@ def test_rank_deficient_and_adversarial_inputs():
 
 
 def test_jit_vmap_and_pytree_agree():
-  rng = np.random.default_rng(4)
-  xs = jnp.asarray(rng.normal(size=(4, 3, 20)), jnp.float32)
-  losses = jnp.ones(3)
-  state = _METHOD.init(3)
-  eager = _METHOD.update(xs[0], state, losses=losses, key=None)
-  jitted = [_update(x) for x in xs]
-  np.testing.assert_allclose(eager[0], jitted[0][0], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(eager[2], jitted[0][2], rtol=1e-5, atol=1e-6)
-  batched = jax.vmap(lambda x: _METHOD.update(x, state, losses=losses, key=None))(xs)
-  np.testing.assert_allclose(batched[0], np.stack([j[0] for j in jitted]), rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(batched[2], np.stack([j[2] for j in jitted]), rtol=1e-4, atol=1e-5)
-  tree = {"a": xs[0][:, :12].reshape(3, 3, 4), "b": xs[0][:, 12:]}
-  tree_out = _update(tree)
-  flat = jnp.concatenate([tree_out[0]["a"].reshape(-1), tree_out[0]["b"]])
-  np.testing.assert_allclose(flat, eager[0], rtol=1e-5, atol=1e-6)
+  common.check_eager_jit_vmap_tree(_METHOD, 4)

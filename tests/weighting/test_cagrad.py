@@ -1,21 +1,18 @@
 """CAGrad (Liu et al. 2021): d = g0 + c|g0| g_w/|g_w| maximises min_t <g_t, d> in the ball."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import minimize
 
 import mtjax.weighting as W
+from tests.weighting import common
 
-KEY = jax.random.PRNGKey(0)
 RAW = W.get("cagrad", rescale=0)
 METHODS = {"default": W.get("cagrad"), "raw": RAW, "c0": W.get("cagrad", c=0.0)}
-UPDATES = {k: jax.jit(m.update) for k, m in METHODS.items()}
 
 
 def _run(name, grads):
-  t = jax.tree_util.tree_leaves(grads)[0].shape[0]
-  return UPDATES[name](grads, METHODS[name].init(t), losses=jnp.ones((t,)), key=KEY)
+  return common.run_once(METHODS[name], grads)
 
 
 def _conflicting(rng, t=3, d=12):
@@ -56,12 +53,8 @@ def test_constraint_and_worst_case_improvement():
 
 
 def test_adversarial_inputs_finite():
-  rng = np.random.default_rng(2)
-  base = rng.normal(size=(3, 16)).astype(np.float32)
-  cases = [np.stack([base[0], -base[0]]), np.stack([base[0], 0 * base[0], base[1]]),
-           np.zeros((3, 16), np.float32), np.stack([base[0]] * 3), base[:1],
-           np.stack([base[0] * 100, base[1]]), base * 1e-20]
-  for j in cases:
+  base, cases = common.jacobian_cases(2)
+  for j in cases.values():
     d, _, w = _run("default", jnp.asarray(j))
     assert np.all(np.isfinite(d)) and np.all(np.isfinite(w))
   d, _, w = _run("raw", jnp.asarray(base[:1]))
@@ -71,17 +64,6 @@ def test_adversarial_inputs_finite():
 
 
 def test_jit_vmap_pytree_agree():
-  rng = np.random.default_rng(3)
-  j = jnp.asarray(rng.normal(size=(3, 3, 12)), jnp.float32)
-  m = METHODS["default"]
-  state = m.init(3)
-  eager = m.update(j[0], state, losses=jnp.ones(3), key=KEY)
-  batched = jax.jit(jax.vmap(lambda g: m.update(g, state, losses=jnp.ones(3), key=KEY)))(j)
-  np.testing.assert_allclose(batched[0][0], eager[0], atol=1e-5)
-  for k in range(3):
-    d, _, w = _run("default", j[k])
-    np.testing.assert_allclose(batched[2][k], w, atol=1e-5)
-    dt, _, wt = _run("default", {"a": j[k][:, :5], "b": j[k][:, 5:].reshape(3, 7, 1)})
-    # The Gram matrix summed leaf by leaf rounds differently; the dual solve is float32.
-    np.testing.assert_allclose(wt, w, atol=2e-4)
-    np.testing.assert_allclose(jnp.concatenate([dt["a"], dt["b"].reshape(-1)]), d, atol=2e-4)
+  # The Gram matrix summed leaf by leaf rounds differently; the dual solve is float32.
+  common.check_batched_and_tree(METHODS["default"], 3, {"atol": 1e-5}, {"atol": 2e-4},
+                                {"atol": 2e-4})

@@ -1,19 +1,15 @@
 """ConFIG (Liu et al., 2024): equal positive cosine with every task gradient, projection length."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mtjax import weighting
+from tests.weighting import common
 
 _METHOD = weighting.get("con_fig")
-_JIT_UPDATE = jax.jit(_METHOD.update)
 
 
 def _update(x):
-  x = jnp.asarray(x, jnp.float32) if isinstance(x, np.ndarray) else x
-  num_tasks = jax.tree_util.tree_leaves(x)[0].shape[0]
-  return _JIT_UPDATE(x, _METHOD.init(num_tasks), losses=jnp.ones(num_tasks), key=None)
+  return common.run_once(_METHOD, x, key=None)
 
 
 def _cosines(direction, grads):
@@ -86,18 +82,4 @@ def test_rank_deficient_and_adversarial_inputs():
 
 
 def test_jit_vmap_and_pytree_agree():
-  rng = np.random.default_rng(3)
-  xs = jnp.asarray(rng.normal(size=(4, 3, 20)), jnp.float32)
-  losses = jnp.ones(3)
-  state = _METHOD.init(3)
-  eager = _METHOD.update(xs[0], state, losses=losses, key=None)
-  jitted = [_update(x) for x in xs]
-  np.testing.assert_allclose(eager[0], jitted[0][0], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(eager[2], jitted[0][2], rtol=1e-5, atol=1e-6)
-  batched = jax.vmap(lambda x: _METHOD.update(x, state, losses=losses, key=None))(xs)
-  np.testing.assert_allclose(batched[0], np.stack([j[0] for j in jitted]), rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(batched[2], np.stack([j[2] for j in jitted]), rtol=1e-4, atol=1e-5)
-  tree = {"a": xs[0][:, :12].reshape(3, 3, 4), "b": xs[0][:, 12:]}
-  tree_out = _update(tree)
-  flat = jnp.concatenate([tree_out[0]["a"].reshape(-1), tree_out[0]["b"]])
-  np.testing.assert_allclose(flat, eager[0], rtol=1e-5, atol=1e-6)
+  common.check_eager_jit_vmap_tree(_METHOD, 3)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mtjax import weighting
+from tests.weighting import common
 
 _METHOD = weighting.get("graddrop")
 _JIT_UPDATE = jax.jit(_METHOD.update)
@@ -73,15 +74,7 @@ def test_adversarial_inputs_stay_finite():
   rng = np.random.default_rng(5)
   g1, g2 = rng.normal(size=(2, 40))
   key = jax.random.PRNGKey(0)
-  cases = {
-      "opposite": np.stack([g1, -g1]),
-      "one_100x": np.stack([100.0 * g1, g2]),
-      "identical": np.stack([g1, g1]),
-      "zero": np.stack([g1, 0.0 * g2]),
-      "all_zero": np.zeros((2, 40)),
-      "single": g1[None],
-      "tiny": 1e-20 * np.stack([g1, g2]),
-  }
+  cases = common.pair_cases(g1, g2)
   for name, x in cases.items():
     combined = np.asarray(_update(x, key)[0])
     assert np.all(np.isfinite(combined)), name

@@ -8,6 +8,7 @@ import pytest
 from mtjax import weighting
 from mtjax.weighting.base import gram
 from mtjax.weighting.gradient_surgery import GradVacState, gradvac_coefficients, task_orders
+from tests.weighting import common
 
 _METHOD = weighting.get("gradvac")
 _JIT_UPDATE = jax.jit(_METHOD.update)
@@ -125,15 +126,8 @@ def test_adversarial_inputs_stay_finite():
   g1, g2 = rng.normal(size=(2, 40))
   key = jax.random.PRNGKey(0)
   high = GradVacState(targets=jnp.full((2, 2), 0.9, jnp.float32))
-  cases = {
-      "conflicting": np.stack([g1, -g1 + 0.1 * g2]),
-      "opposite": np.stack([g1, -g1]),
-      "one_100x": np.stack([100.0 * g1, g2]),
-      "identical": np.stack([g1, g1]),
-      "zero": np.stack([g1, 0.0 * g2]),
-      "all_zero": np.zeros((2, 40)),
-      "tiny": 1e-20 * np.stack([g1, g2]),
-  }
+  cases = {"conflicting": np.stack([g1, -g1 + 0.1 * g2]), **common.pair_cases(g1, g2)}
+  del cases["single"]  # the 2 x 2 ``high`` state is for two tasks; T = 1 is checked below
   for name, x in cases.items():
     for state in (None, high):
       combined, new_state, weights = _update(x, key, state)

@@ -1,44 +1,29 @@
 """MGDA (Sener & Koltun 2018): the min-norm point of the convex hull of the task gradients."""
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import mtjax.weighting as W
+from tests.weighting import common
 
 MGDA = {n: W.get("mgda", normalization=n) for n in ("none", "l2", "loss", "loss+")}
 
 KEY = jax.random.PRNGKey(0)
 
 
-_JITTED = {}
-
-
 def _run(method, grads, losses=None):
-  t = jax.tree_util.tree_leaves(grads)[0].shape[0]
-  losses = jnp.ones((t,)) if losses is None else losses
-  state = method.init(t)
-  update = _JITTED.setdefault(method.update, jax.jit(method.update))
-  return update(grads, state, losses=losses, key=KEY)
+  return common.run_once(method, grads, losses=losses)
 
 
 def _exact_min_norm(j):
   """Brute force over supports in float64: the min-norm point of conv(rows of j)."""
-  g, t = j @ j.T, j.shape[0]
   best, best_d = np.inf, None
-  for r in range(1, t + 1):
-    for s in itertools.combinations(range(t), r):
-      s = list(s)
-      kkt = np.zeros((r + 1, r + 1))
-      kkt[:r, :r], kkt[:r, r], kkt[r, :r] = g[np.ix_(s, s)], -1.0, 1.0
-      sol = np.linalg.lstsq(kkt, np.r_[np.zeros(r), 1.0], rcond=None)[0]
-      if np.all(sol[:r] >= -1e-12) and np.allclose(kkt @ sol, np.r_[np.zeros(r), 1.0]):
-        d = sol[:r] @ j[s]
-        if d @ d < best:
-          best, best_d = d @ d, d
+  for s, w in common.simplex_kkt_points(j @ j.T):
+    d = w @ j[s]
+    if d @ d < best:
+      best, best_d = d @ d, d
   return best_d
 
 
@@ -89,17 +74,7 @@ def test_normalizations():
 
 
 def test_adversarial_inputs_finite():
-  rng = np.random.default_rng(2)
-  base = rng.normal(size=(3, 16)).astype(np.float32)
-  cases = {
-      "conflict": np.stack([base[0], -base[0]]),
-      "zero_one": np.stack([base[0], 0 * base[0], base[1]]),
-      "all_zero": np.zeros((3, 16), np.float32),
-      "identical": np.stack([base[0]] * 3),
-      "t1": base[:1],
-      "x100": np.stack([base[0] * 100, base[1]]),
-      "tiny": base * 1e-20,
-  }
+  base, cases = common.jacobian_cases(2)
   for norm in ("none", "l2", "loss+"):
     for name, j in cases.items():
       d, _, w = _run(MGDA[norm], jnp.asarray(j))

@@ -8,14 +8,7 @@ import numpy as np
 import pytest
 
 from mtjax import weighting
-
-
-def _project_simplex(v):
-  """Euclidean projection onto the probability simplex (sort-based, float64)."""
-  u = np.sort(v)[::-1]
-  css = np.cumsum(u) - 1.0
-  rho = np.nonzero(u - css / np.arange(1, len(v) + 1) > 0)[0][-1]
-  return np.maximum(v - css[rho] / (rho + 1), 0.0)
+from tests.weighting import common
 
 
 def _mgda_weights(grads, iters=20000):
@@ -24,7 +17,7 @@ def _mgda_weights(grads, iters=20000):
   lam = np.full(len(m), 1.0 / len(m))
   step = 1.0 / np.linalg.eigvalsh(m).max()
   for _ in range(iters):
-    lam = _project_simplex(lam - step * m @ lam)
+    lam = common.project_simplex(lam - step * m @ lam)
   return lam
 
 
@@ -81,7 +74,7 @@ def test_normalized_tracking_and_first_step_closed_form():
     y = 0.5 * unit_scaled
     lam = np.full(3, 1 / 3) - 0.1 * (y @ y.T) @ np.full(3, 1 / 3)
     if lambda_update == "projection":
-      lam = _project_simplex(lam)
+      lam = common.project_simplex(lam)
     else:
       lam = np.exp(lam) / np.exp(lam).sum()
     np.testing.assert_allclose(state.y, y, rtol=1e-5, atol=1e-6)
@@ -107,15 +100,7 @@ def test_init_needs_grads_like_and_validates():
 def test_adversarial_inputs_stay_finite():
   rng = np.random.default_rng(1)
   g1, g2 = rng.normal(size=(2, 40))
-  cases = {
-      "opposite": np.stack([g1, -g1]),
-      "one_100x": np.stack([100.0 * g1, g2]),
-      "identical": np.stack([g1, g1]),
-      "zero": np.stack([g1, 0.0 * g2]),
-      "all_zero": np.zeros((2, 40)),
-      "single": g1[None],
-      "tiny": 1e-20 * np.stack([g1, g2]),
-  }
+  cases = common.pair_cases(g1, g2)
   for normalize in (True, False):
     method = weighting.get("moco", normalize=normalize)
     for name, x in cases.items():

@@ -8,21 +8,16 @@ import numpy as np
 import pytest
 
 from mtjax.weighting import solvers
+from tests.weighting import common
 
 
 def _exact_simplex_min_norm(g):
   """min_{w ∈ Δ} wᵀ g w by enumerating supports (float64); returns the minimum value."""
   t, best = g.shape[0], np.inf
-  for r in range(1, t + 1):
-    for s in itertools.combinations(range(t), r):
-      s = list(s)
-      kkt = np.zeros((r + 1, r + 1))
-      kkt[:r, :r], kkt[:r, r], kkt[r, :r] = g[np.ix_(s, s)], -1.0, 1.0
-      sol = np.linalg.lstsq(kkt, np.r_[np.zeros(r), 1.0], rcond=None)[0]
-      if np.all(sol[:r] >= -1e-12) and np.allclose(kkt @ sol, np.r_[np.zeros(r), 1.0]):
-        w = np.zeros(t)
-        w[s] = sol[:r]
-        best = min(best, w @ g @ w)
+  for s, w_s in common.simplex_kkt_points(g):
+    w = np.zeros(t)
+    w[s] = w_s
+    best = min(best, w @ g @ w)
   return best
 
 
@@ -113,16 +108,8 @@ def test_simplex_qp_with_linear_term():
     # Dense reference: projected gradient in float64, many iterations.
     v = np.full(4, 0.25)
     for _ in range(5000):
-      v = _proj_np(v - (q @ v + b) / np.trace(q))
+      v = common.project_simplex(v - (q @ v + b) / np.trace(q))
     assert 0.5 * w @ q @ w + b @ w <= 0.5 * v @ q @ v + b @ v + 1e-5 * np.trace(q)
-
-
-def _proj_np(y):
-  u = np.sort(y)[::-1]
-  css = np.cumsum(u) - 1
-  k = np.arange(1, len(y) + 1)
-  rho = k[u - css / k > 0][-1]
-  return np.maximum(y - css[rho - 1] / rho, 0)
 
 
 @pytest.mark.parametrize("t", [2, 3, 5])
