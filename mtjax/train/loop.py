@@ -132,13 +132,17 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
     meta_step = meta_lib.make_meta_train_step(exp.model, exp.tasks, exp.method, exp.optimizer,
                                               lookahead_lr=exp.schedule, mesh=mesh)
 
-    def train_step(state, batch):  # the meta batch: an independent draw, seeded by seed + 1
-      meta_batch = pipeline.train_batch(meta_arrays, seed=cfg.seed + 1, step=int(state.step),
+    def train_step(state, batch, step):  # the meta batch: an independent draw (seed + 1)
+      meta_batch = pipeline.train_batch(meta_arrays, seed=cfg.seed + 1, step=step,
                                         batch_size=cfg.batch_size)
       return meta_step(state, batch, step_lib.shard_batch(meta_batch, mesh))
   else:
-    train_step = step_lib.make_train_step(exp.model, exp.tasks, exp.method, exp.optimizer,
+    plain_step = step_lib.make_train_step(exp.model, exp.tasks, exp.method, exp.optimizer,
                                           grad_level=cfg.grad_level, mesh=mesh)
+
+    def train_step(state, batch, step):
+      del step
+      return plain_step(state, batch)
   eval_step = step_lib.make_eval_step(exp.model, exp.tasks, mesh=mesh)
   mngr = checkpoint.manager(ckpt_dir, cfg.keep_checkpoints)
 
@@ -155,7 +159,7 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
     for step in range(first, last):
       batch = pipeline.train_batch(train_arrays, seed=cfg.seed, step=step,
                                    batch_size=cfg.batch_size)
-      state, step_metrics = train_step(state, step_lib.shard_batch(batch, mesh))
+      state, step_metrics = train_step(state, step_lib.shard_batch(batch, mesh), step)
       done = step + 1
       if cfg.log_every and (done % cfg.log_every == 0 or done == cfg.num_steps):
         record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
@@ -240,14 +244,15 @@ def plot_curves(log_path: str, png_path: str) -> None:
     for key in sorted({k for r in train for k in r if k.startswith(prefix)}):
       ax.plot([r["step"] for r in train], [r[key] for r in train], label=key[len(prefix):])
     ax.set(title=title, xlabel="step")
-    ax.legend()
   axes[0].set_yscale("log")
   for key in sorted({k for r in val for k in r if k.startswith("validation/")}):
     if key.split("/")[-1] in ("miou", "abs_err", "mean_angle", "accuracy"):
       axes[2].plot([r["step"] for r in val], [r[key] for r in val], marker="o",
                    label=key[len("validation/"):])
   axes[2].set(title="validation metrics", xlabel="step")
-  axes[2].legend()
+  for ax in axes:
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend()
   fig.tight_layout()
   fig.savefig(png_path, dpi=80)
   plt.close(fig)
