@@ -35,6 +35,12 @@ class EmptyState(NamedTuple):
   """State of a method that keeps none."""
 
 
+def stateless_init(num_tasks, grads_like=None) -> EmptyState:
+  """``init`` of a method that keeps no state."""
+  del num_tasks, grads_like
+  return EmptyState()
+
+
 def num_tasks_of(task_grads) -> int:
   """The size of the leading task axis shared by every leaf of ``task_grads``."""
   leaves = jax.tree_util.tree_leaves(task_grads)

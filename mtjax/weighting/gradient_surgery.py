@@ -17,7 +17,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtjax.weighting.base import EmptyState, Method, gram, num_tasks_of, weighted_sum
+from mtjax.weighting.base import (
+  Method,
+  gram,
+  num_tasks_of,
+  stateless_init,
+  weighted_sum,
+)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _EPS32 = float(jnp.finfo(jnp.float32).eps)
@@ -97,9 +103,7 @@ def pcgrad() -> Method:
   visits ``j == i``, which the paper and this implementation skip). ``weights`` are the per-task
   totals of the projection coefficients, so ``combined == Σ_t weights_t g_t``.
   """
-  def init(num_tasks, grads_like=None):
-    del num_tasks, grads_like
-    return EmptyState()
+  init = stateless_init
 
   def update(task_grads, state, *, losses=None, key=None):
     del losses
@@ -206,9 +210,7 @@ def graddrop(leak: float = 0.0) -> Method:
   if not 0.0 <= leak <= 1.0:
     raise ValueError(f"graddrop: 'leak' must lie in [0, 1], got {leak}")
 
-  def init(num_tasks, grads_like=None):
-    del num_tasks, grads_like
-    return EmptyState()
+  init = stateless_init
 
   def update(task_grads, state, *, losses=None, key=None):
     del losses
@@ -275,9 +277,7 @@ def aligned_mtl(scale_mode: str = "min") -> Method:
   if scale_mode not in _SCALE_MODES:
     raise ValueError(f"aligned_mtl: 'scale_mode' must be one of {_SCALE_MODES}, got {scale_mode!r}")
 
-  def init(num_tasks, grads_like=None):
-    del num_tasks, grads_like
-    return EmptyState()
+  init = stateless_init
 
   def update(task_grads, state, *, losses=None, key=None):
     del losses, key
@@ -329,9 +329,7 @@ def con_fig() -> Method:
   gradients, zero gradients) gives finite results: identical gradients give their sum.
   Defaults as the reference ``ConFIGOperator`` (equal weights, projection length).
   """
-  def init(num_tasks, grads_like=None):
-    del num_tasks, grads_like
-    return EmptyState()
+  init = stateless_init
 
   def update(task_grads, state, *, losses=None, key=None):
     del losses, key

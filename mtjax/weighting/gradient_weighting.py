@@ -10,7 +10,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mtjax.weighting.base import EmptyState, Method, adam_step, gram, num_tasks_of, weighted_sum
+from mtjax.weighting.base import (
+  Method,
+  adam_step,
+  gram,
+  num_tasks_of,
+  stateless_init,
+  weighted_sum,
+)
 
 _TINY = 1e-12
 
@@ -122,9 +129,7 @@ def imtl() -> Method:
   ``combined = Σ_t α_t g_t`` with :func:`imtl_weights` computed from the Gram matrix only;
   the weights sum to 1 and may be negative. (The loss-scale part, IMTL-L, is not included.)
   """
-  def init(num_tasks, grads_like=None):
-    del num_tasks, grads_like
-    return EmptyState()
+  init = stateless_init
 
   def update(task_grads, state, *, losses, key=None):
     del losses, key

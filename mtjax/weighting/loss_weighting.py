@@ -5,16 +5,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mtjax.weighting.base import EmptyState, Method, adam_step, combine_or_none
+from mtjax.weighting.base import EmptyState, Method, adam_step, combine_or_none, stateless_init
 
 _TINY = 1e-12
 
 
 def ew() -> Method:
   """Equal weighting (linear scalarisation): ``L = Σ_t L_t``, every weight 1."""
-  def init(num_tasks, grads_like=None):
-    del num_tasks, grads_like
-    return EmptyState()
+  init = stateless_init
 
   def update(task_grads, state, *, losses, key=None):
     del key
@@ -133,9 +131,7 @@ def rlw() -> Method:
   A fresh draw from ``key`` at every call; the weights are positive and sum to 1 (the
   softmax-normalised normal variant, RLW's default in the paper and in LibMTL).
   """
-  def init(num_tasks, grads_like=None):
-    del num_tasks, grads_like
-    return EmptyState()
+  init = stateless_init
 
   def update(task_grads, state, *, losses, key=None):
     if key is None:
@@ -155,9 +151,7 @@ def gls(eps: float = 1e-8) -> Method:
   (so a zero loss gives a large but finite weight). (LibMTL's ``GLS.py`` logs
   ``L_t / (T Π L)``, which is not this derivative; its backward pass is.)
   """
-  def init(num_tasks, grads_like=None):
-    del num_tasks, grads_like
-    return EmptyState()
+  init = stateless_init
 
   def update(task_grads, state, *, losses, key=None):
     del key

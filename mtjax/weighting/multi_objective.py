@@ -13,7 +13,14 @@ import jax
 import jax.numpy as jnp
 
 from mtjax.weighting import solvers
-from mtjax.weighting.base import EmptyState, Method, gram, num_tasks_of, weighted_sum
+from mtjax.weighting.base import (
+  EmptyState,
+  Method,
+  gram,
+  num_tasks_of,
+  stateless_init,
+  weighted_sum,
+)
 
 MGDA_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -21,11 +28,6 @@ MGDA_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 def _safe_sqrt(x):
   x = jnp.maximum(x, 0.0)
   return jnp.where(x > 0, jnp.sqrt(jnp.where(x > 0, x, 1.0)), 0.0)
-
-
-def _empty_init(num_tasks, grads_like=None):
-  del num_tasks, grads_like
-  return EmptyState()
 
 
 def mgda(normalization: str = "none", num_iters: int = 100) -> Method:
@@ -54,7 +56,7 @@ def mgda(normalization: str = "none", num_iters: int = 100) -> Method:
     weights = solvers.min_norm_weights(g * inv[:, None] * inv[None, :], num_iters)
     return weighted_sum(task_grads, weights), state, weights
 
-  return Method(_empty_init, update, "gradient")
+  return Method(stateless_init, update, "gradient")
 
 
 def cagrad_weights(g: jax.Array, c: float, num_iters: int = 20,
@@ -114,7 +116,7 @@ def cagrad(c: float = 0.4, rescale: int = 1, num_iters: int = 20) -> Method:
     weights = weights / {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
     return weighted_sum(task_grads, weights), state, weights
 
-  return Method(_empty_init, update, "gradient")
+  return Method(stateless_init, update, "gradient")
 
 
 class NashMTLState(NamedTuple):
