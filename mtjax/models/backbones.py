@@ -13,6 +13,14 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 
+def _conv_and_norm(dtype, train: bool):
+  """Bias-free convolutions and BatchNorm (momentum 0.9) in ``dtype``, as the blocks use them."""
+  conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype)
+  norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                           dtype=dtype)
+  return conv, norm
+
+
 class BasicBlock(nn.Module):
   """Two 3×3 convolutions with an identity or 1×1 projection shortcut (ResNet-18/34)."""
 
@@ -23,9 +31,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             dtype=self.dtype)
+    conv, norm = _conv_and_norm(self.dtype, train)
     residual = x
     y = conv(self.filters, (3, 3), self.strides, padding=self.dilation,
              kernel_dilation=self.dilation)(x)
@@ -47,9 +53,7 @@ class BottleneckBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             dtype=self.dtype)
+    conv, norm = _conv_and_norm(self.dtype, train)
     residual = x
     y = nn.relu(norm()(conv(self.filters, (1, 1))(x)))
     y = conv(self.filters, (3, 3), self.strides, padding=self.dilation,
@@ -74,16 +78,15 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool):
     block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[self.block]
+    conv, norm = _conv_and_norm(self.dtype, train)
     x = images.astype(self.dtype)
     if self.stem == "imagenet":
-      x = nn.Conv(self.width, (7, 7), 2, padding=3, use_bias=False, dtype=self.dtype)(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
-      x = nn.max_pool(nn.relu(x), (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+      x = nn.relu(norm()(conv(self.width, (7, 7), 2, padding=3)(x)))
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
       stride = 4
     else:  # "small" (3×3/2 conv) or "cifar" (3×3/1 conv)
       stride = 2 if self.stem == "small" else 1
-      x = nn.Conv(self.width, (3, 3), stride, padding=1, use_bias=False, dtype=self.dtype)(x)
-      x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x))
+      x = nn.relu(norm()(conv(self.width, (3, 3), stride, padding=1)(x)))
     dilation = 1
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
