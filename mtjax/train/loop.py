@@ -75,6 +75,17 @@ def check_workdir(cfg, workdir: str) -> int | None:
   return step
 
 
+def initial_state(cfg, exp: Experiment, workdir: str, step: int | None):
+  """A fresh state seeded by ``cfg.seed``, or checkpoint ``step`` of ``workdir`` if given."""
+  state = state_lib.create(exp.model, cfg.tasks, exp.method, exp.optimizer,
+                           key=jax.random.PRNGKey(cfg.seed),
+                           image_shape=(*cfg.dataset.image_size, 3),
+                           batch_size=cfg.batch_size, grad_level=cfg.grad_level)
+  if step is not None:
+    state, _ = checkpoint.restore(os.path.join(workdir, "checkpoints"), step, state)
+  return state
+
+
 def evaluate_split(eval_step, state, arrays, tasks, batch_size, mesh) -> dict:
   """``{task: {metric: value}}`` over a whole split (padded batches are masked out)."""
   totals = None
@@ -108,7 +119,6 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   exp = build(cfg)
   train_arrays = load_data(cfg, "train", exp.label_keys)
   val_arrays = load_data(cfg, "validation", exp.label_keys)
-  image_shape = train_arrays["image"].shape[1:]
   config_lib.check_batch(cfg, pipeline.train_batch(train_arrays, seed=cfg.seed, step=0,
                                                    batch_size=cfg.batch_size),
                          exp.num_classes, cfg.batch_size)
@@ -116,13 +126,10 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(cfg.to_dict(), f, indent=2, default=list)
 
-  state = state_lib.create(exp.model, cfg.tasks, exp.method, exp.optimizer,
-                           key=jax.random.PRNGKey(cfg.seed), image_shape=image_shape,
-                           batch_size=cfg.batch_size, grad_level=cfg.grad_level)
+  state = initial_state(cfg, exp, workdir, resume_step)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   log_path = os.path.join(workdir, "metrics.jsonl")
   if resume_step is not None:
-    state, _ = checkpoint.restore(ckpt_dir, resume_step, state)
     _rewind_log(log_path, resume_step)
   elif os.path.exists(log_path):
     os.remove(log_path)
@@ -219,11 +226,7 @@ def evaluate(cfg, workdir: str) -> dict:
   if step is None:
     raise ValueError(f"workdir {workdir!r} has no checkpoint to evaluate")
   exp = build(cfg)
-  size = tuple(cfg.dataset.image_size)
-  state = state_lib.create(exp.model, cfg.tasks, exp.method, exp.optimizer,
-                           key=jax.random.PRNGKey(cfg.seed), image_shape=(*size, 3),
-                           batch_size=cfg.batch_size, grad_level=cfg.grad_level)
-  state, _ = checkpoint.restore(os.path.join(workdir, "checkpoints"), step, state)
+  state = initial_state(cfg, exp, workdir, step)
   eval_step = step_lib.make_eval_step(exp.model, exp.tasks, mesh=mesh)
   return report(cfg, workdir, exp, state, eval_step, mesh)
 
