@@ -8,7 +8,7 @@ on its own), run ``--warmup`` times, then ``--steps`` single steps are timed, ea
 ``jax.block_until_ready``; the median is compared with the median of ``ew`` measured in the
 same process. Gradient-level methods run at both levels ("parameter", "representation");
 loss-level methods have one level; ``auto_lambda`` ("meta") runs
-:func:`mtjax.train.meta.make_meta_train_step` with a second batch as its meta batch.
+the trainer's meta step with a second batch as its meta batch.
 
 Imports no ``mtjax.data`` (no TensorFlow Datasets): the batches are synthetic arrays with the
 shapes and dtypes of the real ones.
@@ -31,9 +31,8 @@ import optax
 from mtjax import tasks as tasks_lib
 from mtjax import weighting
 from mtjax.models import build
-from mtjax.train import meta as meta_lib
-from mtjax.train import state as state_lib
 from mtjax.train import step as step_lib
+from mtjax.train import trainer as trainer_lib
 
 GRAD_LEVELS = step_lib.GRAD_LEVELS
 
@@ -95,7 +94,8 @@ def resolve(args):
 
 def make_tasks(num_classes, num_tasks):
   """segmentation, depth, normals, and ``num_tasks - 3`` copies of depth (own heads)."""
-  tasks = {name: tasks_lib.get(name, num_classes) for name in BASE_TASKS}
+  tasks = {name: tasks_lib.get(name, num_classes if name == "segmentation" else None)
+           for name in BASE_TASKS}
   for i in range(1, num_tasks - len(BASE_TASKS) + 1):
     tasks[f"depth_{i}"] = tasks_lib.get("depth")  # reads batch["depth"], its own head
   return tasks
@@ -104,9 +104,7 @@ def make_tasks(num_classes, num_tasks):
 def build_setup(cfg):
   """``(model, tasks, optimizer)`` of a resolved setup."""
   tasks = make_tasks(cfg["num_classes"], cfg["num_tasks"])
-  heads = {n: (t.head, tasks_lib.head_channels(t.name, cfg["num_classes"]))
-           for n, t in tasks.items()}
-  model = build(cfg["backbone"], heads, width=cfg["width"], output_stride=cfg["output_stride"],
+  model = build(cfg["backbone"], tasks, width=cfg["width"], output_stride=cfg["output_stride"],
                 stem=cfg["stem"], head_hidden=cfg["head_hidden"], dtype=cfg["dtype"])
   if cfg["optimizer"] == "sgd":
     optimizer = optax.sgd(cfg["learning_rate"], momentum=0.9)
@@ -147,24 +145,31 @@ def runs(method_names, levels):
   return out
 
 
+def make_trainer(model, tasks, method, optimizer, grad_level, cfg, mesh):
+  """The mtjax trainer of one (method, level) of a resolved setup."""
+  return trainer_lib.make_trainer(model, tasks, method, optimizer,
+                                  image_shape=(*cfg["image_size"], 3), batch_size=cfg["batch"],
+                                  grad_level=grad_level, lookahead_lr=cfg["learning_rate"],
+                                  mesh=mesh)
+
+
 def base_state(model, tasks, optimizer, cfg):
-  """A state built once by :func:`mtjax.train.state.create` (with ``ew``), kept on the host.
+  """A state made once by ``make_trainer(...).init`` (with ``ew``), kept on the host.
 
   Initialising the model eagerly per method would compile a hundred small ops again after
   every ``jax.clear_caches()``; the per-method part of the state is only its weighting state.
   The initialisation is jitted: one compilation instead of one per op.
   """
-  create = lambda key: state_lib.create(model, tuple(tasks), weighting.get("ew"), optimizer,
-                                        key=key, image_shape=(*cfg["image_size"], 3),
-                                        batch_size=cfg["batch"])
-  return jax.device_get(jax.jit(create)(jax.random.PRNGKey(0)))
+  init = make_trainer(model, tasks, weighting.get("ew"), optimizer, "parameter", cfg, None).init
+  return jax.device_get(jax.jit(init)(jax.random.PRNGKey(0)))
 
 
 def fresh_state(base, model, method, num_tasks, grad_level, cfg):
-  """``base`` with ``method``'s initial weighting state, as :func:`state_lib.create` makes it."""
-  grads_like = state_lib.zero_gradient(model, base.params, base.batch_stats,
-                                       grad_level=grad_level, image_shape=(*cfg["image_size"], 3),
-                                       batch_size=cfg["batch"])
+  """``base`` with ``method``'s initial weighting state, as the trainer's ``init`` makes it."""
+  grads_like = trainer_lib.gradient_like(model, base.params, base.batch_stats,
+                                         grad_level=grad_level,
+                                         image_shape=(*cfg["image_size"], 3),
+                                         batch_size=cfg["batch"])
   return base._replace(weighting_state=method.init(num_tasks, grads_like))
 
 
@@ -175,14 +180,8 @@ def time_one(name, level, model, tasks, optimizer, cfg, base, batches, mesh):
   state = fresh_state(base, model, method, len(tasks), grad_level, cfg)
   state = jax.block_until_ready(step_lib.replicate(state, mesh))  # one fresh buffer per leaf
   batch, meta_batch = batches
-  if level == "meta":
-    meta_step = meta_lib.make_meta_train_step(model, tasks, method, optimizer,
-                                              lookahead_lr=cfg["learning_rate"], mesh=mesh)
-    step = lambda s: meta_step(s, batch, meta_batch)
-  else:
-    train_step = step_lib.make_train_step(model, tasks, method, optimizer,
-                                          grad_level=grad_level, mesh=mesh)
-    step = lambda s: train_step(s, batch)
+  trainer = make_trainer(model, tasks, method, optimizer, grad_level, cfg, mesh)
+  step = lambda s: trainer.step(s, batch, meta_batch if level == "meta" else None)
   start = time.perf_counter()
   state, _ = jax.block_until_ready(step(state))  # tracing, compilation and one step
   compile_s = time.perf_counter() - start

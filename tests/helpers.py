@@ -1,12 +1,15 @@
 """Small shared fixtures: a tiny multi-task model and real scenes from the renderer."""
 
+import jax
 import ml_collections
 import numpy as np
 import optax
 
 from mtjax import tasks as tasks_lib
-from mtjax.data import NUM_CLASSES, render_scene
+from mtjax.data import dataset_info, render_scene
 from mtjax.models import build
+from mtjax.train.step import make_mesh
+from mtjax.train.trainer import make_trainer
 
 TASKS = ("segmentation", "depth", "normals", "classification")
 
@@ -19,11 +22,27 @@ def scenes(n, size=32, seed=0):
   return {k: np.stack([e[k] for e in examples]) for k in keys}
 
 
+def tiny_tasks(task_names=TASKS):
+  """The tasks with the embedded dataset's options (class counts)."""
+  info = dataset_info("shapes")["tasks"]
+  return {n: tasks_lib.get(n, **info[n]) for n in task_names}
+
+
 def tiny_setup(task_names=TASKS):
-  tasks = {n: tasks_lib.get(n, NUM_CLASSES) for n in task_names}
-  heads = {n: (t.head, tasks_lib.head_channels(n, NUM_CLASSES)) for n, t in tasks.items()}
-  model = build("resnet_tiny", heads, width=8, output_stride=4, stem="small", head_hidden=8)
+  tasks = tiny_tasks(task_names)
+  model = build("resnet_tiny", tasks, width=8, output_stride=4, stem="small", head_hidden=8)
   return model, tasks, optax.sgd(0.1, momentum=0.9)
+
+
+def tiny_trainer(method, grad_level="parameter", devices=None, task_names=TASKS, batch=8,
+                 size=32, **kwargs):
+  """``(trainer, state, mesh)`` of the tiny model: state made and replicated on ``devices``."""
+  model, tasks, opt = tiny_setup(task_names)
+  mesh = make_mesh(devices)
+  trainer = make_trainer(model, tasks, method, kwargs.pop("optimizer", opt),
+                         image_shape=(size, size, 3), batch_size=batch, grad_level=grad_level,
+                         mesh=mesh, **kwargs)
+  return trainer, trainer.init(jax.random.PRNGKey(0)), mesh
 
 
 def tiny_config(data_dir, **overrides):

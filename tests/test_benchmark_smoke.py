@@ -31,11 +31,10 @@ def test_step_time_smoke(tmp_path):
 
 
 def test_fresh_state_matches_create():
-  """The benchmark's per-method state has the shapes and dtypes ``state.create`` gives."""
+  """The benchmark's per-method state has the shapes and dtypes the trainer's ``init`` gives."""
   import jax
 
   from mtjax import weighting
-  from mtjax.train import state as state_lib
 
   args = step_time.parse_args(["--image-size", "16", "--batch", "8"])
   cfg = step_time.resolve(args)
@@ -45,8 +44,7 @@ def test_fresh_state_matches_create():
     method = weighting.get(name)
     grad_level = "parameter" if level == "loss" else level
     ours = step_time.fresh_state(base, model, method, len(tasks), grad_level, cfg)
-    ref = jax.eval_shape(lambda key, m=method, g=grad_level: state_lib.create(
-        model, tuple(tasks), m, optimizer, key=key, image_shape=(16, 16, 3), batch_size=8,
-        grad_level=g), jax.random.PRNGKey(0))
+    init = step_time.make_trainer(model, tasks, method, optimizer, grad_level, cfg, None).init
+    ref = jax.eval_shape(init, jax.random.PRNGKey(0))
     shapes = lambda t: jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), t)
     assert shapes(ours) == shapes(ref), (name, level)

@@ -30,7 +30,10 @@ def get_config(arg=None):
   config.meta_split = "train"
   config.optimizer = ml_collections.ConfigDict({
       "name": "adam", "learning_rate": 5e-3, "schedule": "warmup_cosine", "warmup_steps": 50,
-      "momentum": 0.9, "weight_decay": 0.0, "grad_clip": 0.0})
+      "momentum": 0.9, "weight_decay": 0.0, "grad_clip": 0.0,
+      # Parameter groups are the model's labels ("shared", "shared/stage2", a task name):
+      # ((prefix, scale), ...) scales their learning rate; (prefix, ...) freezes them.
+      "lr_scale": (), "frozen": ()})
   config.batch_size = 32
   config.num_steps = 1000
   config.log_every = 50

@@ -19,7 +19,7 @@ class DatasetSpec(NamedTuple):
   make_builder: object         # (image_size, split_sizes, data_dir) -> tfds builder
   decode: object               # stored example -> arrays in the renderer's dtypes
   class_names: tuple
-  tasks: dict                  # task name -> the batch keys it reads
+  tasks: dict                  # task name -> its options (e.g. {"num_classes": 5})
   splits: tuple
   image_sizes: tuple           # the predefined configs (any size in SIZE_RANGE may be built)
 
@@ -42,12 +42,12 @@ DATASETS = {
         decode=shapes_tfds.decode_example,
         class_names=shapes.CLASS_NAMES,
         tasks={
-            "segmentation": ("segmentation",),
-            "depth": ("depth", "depth_valid"),
-            "normals": ("normals", "depth_valid"),
-            "classification": ("labels",),
-            "detection": ("boxes", "box_classes"),
-            "instances": ("instances",),
+            "segmentation": {"num_classes": shapes.NUM_CLASSES},      # background included
+            "depth": {},
+            "normals": {},
+            "classification": {"num_classes": shapes.NUM_CLASSES - 1},  # one label per object class
+            "detection": {"num_classes": shapes.NUM_CLASSES - 1},
+            "instances": {},
         },
         splits=tuple(shapes_tfds.SPLIT_IDS),
         image_sizes=tuple((c.height, c.width) for c in shapes_tfds.MtjaxShapes.BUILDER_CONFIGS),
@@ -57,15 +57,16 @@ DATASETS = {
 
 def _spec(name):
   if name not in DATASETS:
-    raise ValueError(f"name: unknown dataset {name!r}, valid names: {sorted(DATASETS)}")
+    raise ValueError(f"dataset.name: unknown dataset {name!r}; valid names: {sorted(DATASETS)}")
   return DATASETS[name]
 
 
 def dataset_info(name: str) -> dict:
-  """Class names, number of classes (background included), tasks and their keys, splits."""
+  """Class names, the tasks it labels with each task's options, splits, predefined sizes."""
   spec = _spec(name)
-  return {"class_names": spec.class_names, "num_classes": len(spec.class_names),
-          "tasks": dict(spec.tasks), "splits": spec.splits, "image_sizes": spec.image_sizes}
+  return {"class_names": spec.class_names,
+          "tasks": {task: dict(options) for task, options in spec.tasks.items()},
+          "splits": spec.splits, "image_sizes": spec.image_sizes}
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ pool, stride 4) or, for small images, a single 3×3 conv of stride 2 (``"small"`
 """
 
 import functools
+import itertools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -66,7 +67,11 @@ class BottleneckBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-  """A ResNet trunk returning the last stage's feature map, shape ``(B, H/os, W/os, C)``."""
+  """A ResNet trunk returning every stage: ``{"stem": ..., "stage1": ..., ..., "stageN": ...}``.
+
+  Each entry is a feature map ``(B, H/s, W/s, C)``; the last one has stride ``output_stride``.
+  A multi-task model picks the stages it needs (hard sharing: the last, :func:`last_stage`).
+  """
 
   stage_sizes: Sequence[int]
   block: str = "basic"
@@ -87,6 +92,7 @@ class ResNet(nn.Module):
     else:  # "small" (3×3/2 conv) or "cifar" (3×3/1 conv)
       stride = 2 if self.stem == "small" else 1
       x = nn.relu(norm()(conv(self.width, (3, 3), stride, padding=1)(x)))
+    stages = {"stem": x}
     dilation = 1
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
@@ -96,7 +102,24 @@ class ResNet(nn.Module):
         elif strides == 2:
           stride *= 2
         x = block_cls(self.width * 2**i, strides, dilation, self.dtype)(x, train)
-    return x
+      stages[f"stage{i + 1}"] = x
+    return stages
+
+  def param_group(self, path) -> str:
+    """``"stem"`` or ``"stage<i>"``: the part of the trunk a parameter path (in it) belongs to."""
+    name = path[0]  # the stem's Conv_0 / BatchNorm_0, or BasicBlock_<k> / BottleneckBlock_<k>
+    if "Block_" not in name:
+      return "stem"
+    index = int(name.rsplit("_", 1)[1])
+    for i, end in enumerate(itertools.accumulate(self.stage_sizes)):
+      if index < end:
+        return f"stage{i + 1}"
+    raise ValueError(f"parameter path {path}: block {index} is past the last stage")
+
+
+def last_stage(stages):
+  """The deepest feature map of a backbone's ``{stage name: features}`` output."""
+  return stages[next(reversed(stages))]
 
 
 STEMS = ("imagenet", "small", "cifar")

@@ -36,5 +36,3 @@ class ClassificationHead(nn.Module):
     x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
     return nn.Dense(self.out_channels, dtype=self.dtype)(x).astype(jnp.float32)
 
-
-HEADS = {"dense": DenseHead, "classification": ClassificationHead}

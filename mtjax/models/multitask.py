@@ -1,10 +1,17 @@
 """Hard parameter sharing (Caruana, 1997): one shared backbone, one head per task.
 
-``model.apply(variables, images, train=..., mutable=[...])`` returns
-``{"features": shared_features, task: task_output, ...}``. The two halves are also methods,
-``encode`` (images to shared features) and ``decode`` (features to one task's output), so that
-the train step can differentiate with respect to the shared features (representation-level
-gradient methods) and back-propagate each task only through its own head.
+The multi-task model contract (every architecture follows it):
+
+- ``model.apply(variables, images, train=..., mutable=[...])`` returns
+  ``{"features": features, task: task_output, ...}``;
+- ``encode(images, train) -> features``, any pytree (here the backbone's last stage), and
+  ``decode(features, task, output_size, train) -> output``: the train step differentiates with
+  respect to the features (representation-level methods) and back-propagates each task through
+  its own parameters only. ``encode`` uses only the parameters labelled ``"shared"``, ``decode``
+  only those of its task. A model with no shared encoder defines neither; the train step then
+  differentiates the loss vector with respect to everything labelled shared (the general path);
+- ``param_label(path) -> "shared[/group]"`` or ``"<task>[/group]"`` for every variable path
+  (see :mod:`mtjax.models.labels`).
 """
 
 from collections.abc import Mapping
@@ -12,14 +19,10 @@ from collections.abc import Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mtjax.models import backbones, heads
+from mtjax.models import backbones
+from mtjax.models.labels import SHARED
 
-SHARED = "backbone"
-
-
-def head_scope(task: str) -> str:
-  """The name of ``task``'s head in the parameter tree."""
-  return f"heads_{task}"
+_HEAD_PREFIX = "heads_"  # Linen's name for the entries of the ``heads`` dict attribute
 
 
 class MultiTaskModel(nn.Module):
@@ -29,8 +32,8 @@ class MultiTaskModel(nn.Module):
   heads: Mapping[str, nn.Module]
 
   def encode(self, images, train: bool = False):
-    """Shared features of ``images`` (B, H, W, 3)."""
-    return self.backbone(images, train)
+    """Shared features of ``images`` (B, H, W, 3): the backbone's last stage."""
+    return backbones.last_stage(self.backbone(images, train))
 
   def decode(self, features, task: str, output_size, train: bool = False):
     """``task``'s output from the shared ``features``, at ``output_size`` (H, W)."""
@@ -41,28 +44,23 @@ class MultiTaskModel(nn.Module):
     outputs = {task: self.decode(features, task, images.shape[1:3], train) for task in self.heads}
     return {"features": features, **outputs}
 
+  def param_label(self, path) -> str:
+    """``"shared/stem"``, ``"shared/stage<i>"`` for the backbone; the task name for a head."""
+    if path[0] == "backbone":
+      return f"{SHARED}/{self.backbone.param_group(path[1:])}"
+    if path[0].startswith(_HEAD_PREFIX) and path[0][len(_HEAD_PREFIX):] in self.heads:
+      return path[0][len(_HEAD_PREFIX):]
+    raise ValueError(f"parameter path {path}: not a part of this hard-sharing model")
 
-def build(backbone: str, task_heads: Mapping[str, tuple[str, int]], *, width: int = 64,
-          output_stride: int = 32, stem: str = "imagenet", head_hidden: int = 64,
-          dtype: str = "float32") -> MultiTaskModel:
-  """A hard-sharing model; ``task_heads`` maps each task to (head kind, output channels)."""
+
+def build(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int = 32,
+          stem: str = "imagenet", head_hidden: int = 64, dtype: str = "float32") -> MultiTaskModel:
+  """A hard-sharing model: backbone ``backbone`` and each task's own head (``task.head``)."""
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype: expected 'float32' or 'bfloat16', got {dtype!r}")
   compute_dtype = jnp.dtype(dtype)
   trunk = backbones.get(backbone, width=width, output_stride=output_stride, stem=stem,
                         dtype=compute_dtype)
-  task_modules = {
-      task: heads.HEADS[kind](channels, hidden=head_hidden, dtype=compute_dtype)
-      for task, (kind, channels) in task_heads.items()
-  }
-  return MultiTaskModel(trunk, task_modules)
-
-
-def split_params(params, task_names):
-  """``(shared, {task: head_params})`` of a hard-sharing parameter tree."""
-  return params[SHARED], {task: params[head_scope(task)] for task in task_names}
-
-
-def merge_params(shared, task_params):
-  """The inverse of :func:`split_params`."""
-  return {SHARED: shared, **{head_scope(task): p for task, p in task_params.items()}}
+  heads = {name: task.head(hidden=head_hidden, dtype=compute_dtype)
+           for name, task in tasks.items()}
+  return MultiTaskModel(trunk, heads)

@@ -1,11 +1,16 @@
-"""Tasks: a plain-dict registry of loss, metric and prediction functions.
+"""Tasks: a plain-dict registry of task factories; each task owns its head, labels and losses.
 
     task = mtjax.tasks.get("segmentation", num_classes=5)
     loss = task.loss_fn(outputs["segmentation"], batch)
+
+A task's options (e.g. its class count) come from the dataset's per-task info
+(``mtjax.data.dataset_info(name)["tasks"][task]``).
 """
 
+import inspect
+
 from mtjax.tasks import classification, depth, normals, segmentation
-from mtjax.tasks.base import Task, summarize
+from mtjax.tasks.base import Evaluator, Task, check_batch, label_keys, loss_and_parts, summarize
 
 _REGISTRY = {
     "segmentation": segmentation.task,
@@ -14,33 +19,25 @@ _REGISTRY = {
     "classification": classification.task,
 }
 
-# Output channels of each task's head, given the dataset's number of (foreground) classes.
-_CHANNELS = {
-    "segmentation": lambda num_classes: num_classes,
-    "depth": lambda num_classes: 1,
-    "normals": lambda num_classes: 3,
-    "classification": lambda num_classes: num_classes - 1,
-}
-
 
 def names() -> list[str]:
   """The registered task names, sorted."""
   return sorted(_REGISTRY)
 
 
-def get(name: str, num_classes: int = 0) -> Task:
-  """The task ``name``; ``num_classes`` counts segmentation classes, background included."""
+def get(name: str, num_classes: int | None = None, **options) -> Task:
+  """The task ``name`` built with its options (``num_classes`` where the task has classes)."""
   if name not in _REGISTRY:
     raise ValueError(f"unknown task {name!r}; valid names: {names()}")
-  if name == "segmentation":
-    return _REGISTRY[name](num_classes)
-  return _REGISTRY[name]()
+  factory = _REGISTRY[name]
+  if num_classes is not None:
+    options["num_classes"] = num_classes
+  allowed = set(inspect.signature(factory).parameters)
+  unknown = sorted(set(options) - allowed)
+  if unknown:
+    raise ValueError(f"task {name!r}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+  return factory(**options)
 
 
-def head_channels(name: str, num_classes: int) -> int:
-  """Output channels of the head of task ``name``."""
-  get(name)
-  return _CHANNELS[name](num_classes)
-
-
-__all__ = ["Task", "get", "head_channels", "names", "summarize"]
+__all__ = ["Evaluator", "Task", "check_batch", "get", "label_keys", "loss_and_parts", "names",
+           "summarize"]

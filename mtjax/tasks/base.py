@@ -1,30 +1,83 @@
-"""The task contract: pure loss, metric and prediction functions, looked up by name.
+"""The task contract: a task owns its head, its labels and its pure functions.
 
-``loss_fn(output, batch) -> scalar``; ``metrics_fn(output, batch) -> {name: (sum, count)}``, sums
-and counts that stay exact under padding, masking and device sharding; ``predict_fn(output)``.
+``loss_fn(output, batch) -> loss`` or ``(loss, {part: scalar})`` (the parts are logged);
+``metrics_fn(output, batch) -> {name: (sum, count)}``, sums and counts that stay exact under
+padding, masking and device sharding; ``predict_fn(output)``; and, for metrics that are not
+sums (COCO AP), an optional host-side :class:`Evaluator` fed with ``predict_fn``'s output.
 A batch may carry ``mask`` (B,) for padded examples and ``<task>_mask`` (B,) for examples whose
 label for this task is missing: losses and metrics skip them.
 """
 
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 
 
+class Evaluator(NamedTuple):
+  """Host-side metrics over a whole split: ``result(update(...update(init(), p, b)...))``.
+
+  ``update(state, predictions, batch)`` receives numpy arrays: ``predict_fn``'s output and the
+  host batch (with its ``mask`` of padded examples); ``result(state) -> {metric: float}``.
+  """
+
+  init: Callable[[], Any]
+  update: Callable[[Any, Any, Mapping[str, np.ndarray]], Any]
+  result: Callable[[Any], dict[str, float]]
+
+
 class Task(NamedTuple):
-  """One task: its head, its label keys and its pure functions."""
+  """One task: its head factory, its label spec and its pure functions."""
 
   name: str
-  head: str  # "dense" or "classification"
+  # head(hidden=..., dtype=...) -> a Linen module mapping (features, output_size, train) to the
+  # task's output.
+  head: Callable[..., Any]
   loss_fn: Callable
   metrics_fn: Callable
   predict_fn: Callable
-  label_keys: tuple[str, ...]
+  # label_spec(image_size) -> {batch key: (shape of one example, dtype)}: what the task reads.
+  label_spec: Callable[[tuple[int, int]], dict[str, tuple[tuple[int, ...], Any]]]
   # Metric name -> True where higher is better; these are the metrics Δm% averages over.
   higher_is_better: Mapping[str, bool]
   summarize_fn: Callable | None = None  # totals -> {metric: float}; default sum / count
+  evaluator: Evaluator | None = None
+
+
+def label_keys(task: Task) -> tuple[str, ...]:
+  """The batch keys ``task`` reads (besides ``image`` and the masks)."""
+  return tuple(task.label_spec((1, 1)))
+
+
+def loss_and_parts(task: Task, output, batch):
+  """``(loss, {part: value})`` in float32, whether ``loss_fn`` returns parts or not."""
+  value = task.loss_fn(output, batch)
+  loss, parts = value if isinstance(value, tuple) else (value, {})
+  return (jnp.asarray(loss, jnp.float32),
+          {k: jnp.asarray(v, jnp.float32) for k, v in parts.items()})
+
+
+def check_batch(tasks: Mapping[str, Task], batch, image_size, batch_size: int) -> None:
+  """Raises ValueError when ``batch`` lacks a key the tasks read or has the wrong shape."""
+  expected = {"image": ((*image_size, 3), None)}
+  for task in tasks.values():
+    expected.update(task.label_spec(tuple(image_size)))
+  for key, (shape, _) in expected.items():
+    if key not in batch:
+      raise ValueError(f"batch: missing {key!r}, needed by tasks {tuple(tasks)}")
+    want = (batch_size, *shape)
+    if tuple(batch[key].shape) != want:
+      raise ValueError(f"batch[{key!r}]: shape {tuple(batch[key].shape)} does not match the "
+                       f"config (batch_size, dataset.image_size, classes): expected {want}")
+
+
+def needs_classes(name: str, num_classes):
+  """``num_classes`` if it is a positive int, else a ValueError naming the task."""
+  if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+    raise ValueError(f"task {name!r}: num_classes: expected a positive int (from the dataset's "
+                     f"per-task info), got {num_classes!r}")
+  return int(num_classes)
 
 
 def example_mask(batch, task: str, batch_size: int):

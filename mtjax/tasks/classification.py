@@ -3,7 +3,8 @@
 import jax.numpy as jnp
 import optax
 
-from mtjax.tasks.base import Task, example_mask, masked_mean
+from mtjax.models.heads import ClassificationHead
+from mtjax.tasks.base import Task, example_mask, masked_mean, needs_classes
 
 
 def loss_fn(logits, batch):
@@ -27,13 +28,15 @@ def predict_fn(logits):
   return logits > 0
 
 
-def task() -> Task:
+def task(num_classes: int | None = None) -> Task:
+  """``num_classes``: the number of binary labels (the head's width)."""
   return Task(
       name="classification",
-      head="classification",
+      head=lambda **kw: ClassificationHead(needs_classes("classification", num_classes), **kw),
       loss_fn=loss_fn,
       metrics_fn=metrics_fn,
       predict_fn=predict_fn,
-      label_keys=("labels",),
+      label_spec=lambda size: {"labels": ((needs_classes("classification", num_classes),),
+                                          jnp.float32)},
       higher_is_better={"accuracy": True, "exact_match": True},
   )

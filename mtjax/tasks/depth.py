@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 
+from mtjax.models.heads import DenseHead
 from mtjax.tasks.base import Task, example_mask, masked_mean
 
 
@@ -31,10 +32,11 @@ def predict_fn(output):
 def task() -> Task:
   return Task(
       name="depth",
-      head="dense",
+      head=lambda **kw: DenseHead(1, **kw),
       loss_fn=loss_fn,
       metrics_fn=metrics_fn,
       predict_fn=predict_fn,
-      label_keys=("depth", "depth_valid"),
+      label_spec=lambda size: {"depth": (tuple(size), jnp.float32),
+                               "depth_valid": (tuple(size), jnp.bool_)},
       higher_is_better={"abs_err": False, "rel_err": False},
   )

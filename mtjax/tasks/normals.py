@@ -7,6 +7,7 @@ over pixels and stays exact under sharding (to within half a bin).
 import jax.numpy as jnp
 import numpy as np
 
+from mtjax.models.heads import DenseHead
 from mtjax.tasks.base import Task, example_mask, masked_mean, ratio
 
 BIN_DEGREES = 0.05
@@ -68,11 +69,12 @@ def predict_fn(output):
 def task() -> Task:
   return Task(
       name="normals",
-      head="dense",
+      head=lambda **kw: DenseHead(3, **kw),
       loss_fn=loss_fn,
       metrics_fn=metrics_fn,
       predict_fn=predict_fn,
-      label_keys=("normals", "depth_valid"),
+      label_spec=lambda size: {"normals": ((*size, 3), jnp.float32),
+                               "depth_valid": (tuple(size), jnp.bool_)},
       higher_is_better={"mean_angle": False, "median_angle": False,
                         **{threshold_name(t): True for t in THRESHOLDS}},
       summarize_fn=summarize,

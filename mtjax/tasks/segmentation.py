@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtjax.tasks.base import Task, example_mask, masked_mean
+from mtjax.models.heads import DenseHead
+from mtjax.tasks.base import Task, example_mask, masked_mean, needs_classes
 
 IGNORE_LABEL = 255
 
@@ -44,14 +45,14 @@ def predict_fn(logits):
   return jnp.argmax(logits, axis=-1)
 
 
-def task(num_classes: int, ignore_label: int = IGNORE_LABEL) -> Task:
-  del num_classes  # the head's width; kept in the config
+def task(num_classes: int | None = None, ignore_label: int = IGNORE_LABEL) -> Task:
+  """``num_classes`` (background included) sets the head's width; losses read it from the logits."""
   return Task(
       name="segmentation",
-      head="dense",
+      head=lambda **kw: DenseHead(needs_classes("segmentation", num_classes), **kw),
       loss_fn=functools.partial(loss_fn, ignore_label=ignore_label),
       metrics_fn=functools.partial(metrics_fn, ignore_label=ignore_label),
       predict_fn=predict_fn,
-      label_keys=("segmentation",),
+      label_spec=lambda size: {"segmentation": (tuple(size), jnp.int32)},
       higher_is_better={"miou": True, "pixel_acc": True},
   )

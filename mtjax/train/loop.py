@@ -5,22 +5,25 @@
 and at the end ``results.json``, ``results.md`` and ``curves.png``.
 """
 
+import contextlib
+import functools
 import json
 import os
 import time
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mtjax import checkpoint, data, metrics, models, weighting
 from mtjax import config as config_lib
 from mtjax import tasks as tasks_lib
 from mtjax.data import pipeline
-from mtjax.train import meta as meta_lib
+from mtjax.models import labels
 from mtjax.train import optim
-from mtjax.train import state as state_lib
 from mtjax.train import step as step_lib
+from mtjax.train import trainer as trainer_lib
 
 
 class Experiment(NamedTuple):
@@ -32,23 +35,54 @@ class Experiment(NamedTuple):
   optimizer: object
   schedule: object
   label_keys: tuple
-  num_classes: int
+
+
+@contextlib.contextmanager
+def _building(field: str | None = None):
+  """Re-raises a builder's ValueError as an error of ``config.<field>`` (or ``config.``)."""
+  try:
+    yield
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.{field}: {e}" if field else f"config.{e}") from None
 
 
 def build(cfg) -> Experiment:
-  """Model, tasks, weighting method and optimizer of a validated config."""
+  """Model, tasks, weighting method and optimizer of a config; each builder checks its fields."""
   info = data.dataset_info(cfg.dataset.name)
-  num_classes = info["num_classes"]
-  tasks = {name: tasks_lib.get(name, num_classes) for name in cfg.tasks}
-  task_heads = {name: (task.head, tasks_lib.head_channels(name, num_classes))
-                for name, task in tasks.items()}
-  model = models.build(cfg.model.backbone, task_heads, width=cfg.model.width,
-                       output_stride=cfg.model.output_stride, stem=cfg.model.stem,
-                       head_hidden=cfg.model.head_hidden, dtype=cfg.model.dtype)
-  method = weighting.get(cfg.weighting.name, **config_lib.weighting_kwargs(cfg))
-  label_keys = tuple(dict.fromkeys(k for name in cfg.tasks for k in info["tasks"][name]))
-  return Experiment(model, tasks, method, optim.make_optimizer(cfg.optimizer, cfg.num_steps),
-                    optim.make_schedule(cfg.optimizer, cfg.num_steps), label_keys, num_classes)
+  tasks = {name: tasks_lib.get(name, **info["tasks"][name]) for name in cfg.tasks}
+  with _building():
+    model = models.build(cfg.model.backbone, tasks, width=cfg.model.width,
+                         output_stride=cfg.model.output_stride, stem=cfg.model.stem,
+                         head_hidden=cfg.model.head_hidden, dtype=cfg.model.dtype)
+  with _building("weighting.name"):
+    weighting.hparams(cfg.weighting.name)
+  with _building("weighting"):
+    method = weighting.get(cfg.weighting.name, **config_lib.weighting_kwargs(cfg))
+  with _building():
+    optim.check_groups(cfg.optimizer, _groups(model, cfg))
+    optimizer = optim.make_optimizer(cfg.optimizer, cfg.num_steps,
+                                     functools.partial(labels.label_tree, model))
+    schedule = optim.make_schedule(cfg.optimizer, cfg.num_steps)
+  label_keys = tuple(dict.fromkeys(k for task in tasks.values()
+                                   for k in tasks_lib.label_keys(task)))
+  return Experiment(model, tasks, method, optimizer, schedule, label_keys)
+
+
+def _groups(model, cfg) -> list[str]:
+  """The parameter groups of ``model`` (shapes only: nothing is computed)."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros((1, *cfg.dataset.image_size, 3)),
+                                             train=False))
+  return labels.groups(model, shapes["params"])
+
+
+def make_trainer(cfg, exp: Experiment, mesh):
+  """The experiment's :class:`mtjax.train.trainer.Trainer` (checks ``config.grad_level``)."""
+  with _building():
+    return trainer_lib.make_trainer(
+        exp.model, exp.tasks, exp.method, exp.optimizer, image_shape=(*cfg.dataset.image_size, 3),
+        batch_size=cfg.batch_size, grad_level=cfg.grad_level, frozen=optim.group_rules(
+            cfg.optimizer)[1], lookahead_lr=exp.schedule, mesh=mesh)
 
 
 def load_data(cfg, split: str, label_keys) -> dict:
@@ -75,23 +109,33 @@ def check_workdir(cfg, workdir: str) -> int | None:
   return step
 
 
-def initial_state(cfg, exp: Experiment, workdir: str, step: int | None):
+def initial_state(cfg, trainer, workdir: str, step: int | None):
   """A fresh state seeded by ``cfg.seed``, or checkpoint ``step`` of ``workdir`` if given."""
-  state = state_lib.create(exp.model, cfg.tasks, exp.method, exp.optimizer,
-                           key=jax.random.PRNGKey(cfg.seed),
-                           image_shape=(*cfg.dataset.image_size, 3),
-                           batch_size=cfg.batch_size, grad_level=cfg.grad_level)
+  state = trainer.init(jax.random.PRNGKey(cfg.seed))
   if step is not None:
     state, _ = checkpoint.restore(os.path.join(workdir, "checkpoints"), step, state)
   return state
 
 
-def evaluate_split(eval_step, state, arrays, tasks, batch_size, mesh) -> dict:
-  """``{task: {metric: value}}`` over a whole split (padded batches are masked out)."""
+def evaluate_split(evaluate, state, arrays, tasks, batch_size, mesh) -> dict:
+  """``{task: {metric: value}}`` over a whole split (padded batches are masked out).
+
+  Sums come from the jitted ``evaluate``; tasks with a host-side evaluator also get its
+  metrics, fed with their predictions batch by batch.
+  """
   totals = None
+  hosted = {name: task.evaluator for name, task in tasks.items() if task.evaluator is not None}
+  host_states = {name: evaluator.init() for name, evaluator in hosted.items()}
   for batch in pipeline.eval_batches(arrays, batch_size):
-    totals = metrics.accumulate(totals, eval_step(state, step_lib.shard_batch(batch, mesh)))
-  return metrics.summarize(tasks, totals)
+    sums, predictions = evaluate(state, step_lib.shard_batch(batch, mesh))
+    totals = metrics.accumulate(totals, sums)
+    for name, evaluator in hosted.items():
+      host_states[name] = evaluator.update(host_states[name],
+                                           jax.device_get(predictions[name]), batch)
+  results = metrics.summarize(tasks, totals)
+  for name, evaluator in hosted.items():
+    results[name].update(evaluator.result(host_states[name]))
+  return results
 
 
 def _flat(results, prefix):
@@ -115,18 +159,19 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   """
   mesh = step_lib.make_mesh()
   config_lib.validate(cfg, mesh.size)
-  resume_step = check_workdir(cfg, workdir)
   exp = build(cfg)
+  trainer = make_trainer(cfg, exp, mesh)
+  resume_step = check_workdir(cfg, workdir)
   train_arrays = load_data(cfg, "train", exp.label_keys)
   val_arrays = load_data(cfg, "validation", exp.label_keys)
-  config_lib.check_batch(cfg, pipeline.train_batch(train_arrays, seed=cfg.seed, step=0,
-                                                   batch_size=cfg.batch_size),
-                         exp.num_classes, cfg.batch_size)
+  tasks_lib.check_batch(exp.tasks, pipeline.train_batch(train_arrays, seed=cfg.seed, step=0,
+                                                        batch_size=cfg.batch_size),
+                        cfg.dataset.image_size, cfg.batch_size)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(cfg.to_dict(), f, indent=2, default=list)
 
-  state = initial_state(cfg, exp, workdir, resume_step)
+  state = initial_state(cfg, trainer, workdir, resume_step)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   log_path = os.path.join(workdir, "metrics.jsonl")
   if resume_step is not None:
@@ -136,21 +181,15 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   state = step_lib.replicate(state, mesh)
   if exp.method.level == "meta":
     meta_arrays = train_arrays if cfg.meta_split == "train" else val_arrays
-    meta_step = meta_lib.make_meta_train_step(exp.model, exp.tasks, exp.method, exp.optimizer,
-                                              lookahead_lr=exp.schedule, mesh=mesh)
 
     def train_step(state, batch, step):  # the meta batch: an independent draw (seed + 1)
       meta_batch = pipeline.train_batch(meta_arrays, seed=cfg.seed + 1, step=step,
                                         batch_size=cfg.batch_size)
-      return meta_step(state, batch, step_lib.shard_batch(meta_batch, mesh))
+      return trainer.step(state, batch, step_lib.shard_batch(meta_batch, mesh))
   else:
-    plain_step = step_lib.make_train_step(exp.model, exp.tasks, exp.method, exp.optimizer,
-                                          grad_level=cfg.grad_level, mesh=mesh)
-
     def train_step(state, batch, step):
       del step
-      return plain_step(state, batch)
-  eval_step = step_lib.make_eval_step(exp.model, exp.tasks, mesh=mesh)
+      return trainer.step(state, batch)
   mngr = checkpoint.manager(ckpt_dir, cfg.keep_checkpoints)
 
   def save():
@@ -177,10 +216,10 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
         log.write(json.dumps(record) + "\n")
         log.flush()
         bar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in record.items()
-                         if k.startswith("loss/")})
+                         if k.startswith("loss/") and k.count("/") == 1})
       if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.num_steps:
-        results = evaluate_split(eval_step, state, val_arrays, exp.tasks, cfg.eval_batch_size,
-                                 mesh)
+        results = evaluate_split(trainer.evaluate, state, val_arrays, exp.tasks,
+                                 cfg.eval_batch_size, mesh)
         log.write(json.dumps({"step": done, "split": "validation",
                               **_flat(results, "validation")}) + "\n")
         log.flush()
@@ -191,10 +230,10 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   mngr.close()
   if int(state.step) < cfg.num_steps:
     return {}
-  return report(cfg, workdir, exp, state, eval_step, mesh, val_arrays)
+  return report(cfg, workdir, exp, trainer, state, mesh, val_arrays)
 
 
-def report(cfg, workdir, exp, state, eval_step, mesh, val_arrays=None) -> dict:
+def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None) -> dict:
   """Evaluates on validation and test; writes results.json, results.md and curves.png."""
   if val_arrays is None:
     val_arrays = load_data(cfg, "validation", exp.label_keys)
@@ -202,7 +241,7 @@ def report(cfg, workdir, exp, state, eval_step, mesh, val_arrays=None) -> dict:
   baselines = {t: dict(m) for t, m in cfg.baselines.items()}
   out, tables = {"step": int(state.step), "baselines": baselines}, []
   for split, arrays in (("validation", val_arrays), ("test", test_arrays)):
-    results = evaluate_split(eval_step, state, arrays, exp.tasks, cfg.eval_batch_size, mesh)
+    results = evaluate_split(trainer.evaluate, state, arrays, exp.tasks, cfg.eval_batch_size, mesh)
     delta = metrics.delta_m(exp.tasks, results, baselines)
     out[split] = {"metrics": results, "delta_m": delta}
     tables.append(metrics.format_table(results, None if np.isnan(delta) else delta,
@@ -222,13 +261,13 @@ def evaluate(cfg, workdir: str) -> dict:
   """Restores the newest checkpoint of ``workdir`` and writes the results (``mtjax eval``)."""
   mesh = step_lib.make_mesh()
   config_lib.validate(cfg, mesh.size)
+  exp = build(cfg)
+  trainer = make_trainer(cfg, exp, mesh)
   step = check_workdir(cfg, workdir)
   if step is None:
     raise ValueError(f"workdir {workdir!r} has no checkpoint to evaluate")
-  exp = build(cfg)
-  state = initial_state(cfg, exp, workdir, step)
-  eval_step = step_lib.make_eval_step(exp.model, exp.tasks, mesh=mesh)
-  return report(cfg, workdir, exp, state, eval_step, mesh)
+  state = initial_state(cfg, trainer, workdir, step)
+  return report(cfg, workdir, exp, trainer, state, mesh)
 
 
 def plot_curves(log_path: str, png_path: str) -> None:

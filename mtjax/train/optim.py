@@ -1,12 +1,26 @@
-"""Optimizers and learning-rate schedules from the config."""
+"""Optimizers and learning-rate schedules from the config, with per-group scales and freezing.
 
+Parameter groups are the model's labels (:mod:`mtjax.models.labels`): ``optimizer.lr_scale``
+holds ``(label prefix, scale)`` pairs and ``optimizer.frozen`` label prefixes; the longest
+matching prefix decides. A frozen group gets a zero update and keeps its optimizer state, so
+unfreezing it later continues where it stopped. Without scales or frozen groups the optimizer
+is the plain transformation.
+"""
+
+import jax
 import optax
+
+from mtjax.models import labels
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 
 
 def make_schedule(cfg, num_steps: int):
+  if cfg.schedule not in SCHEDULES:
+    raise ValueError(f"optimizer.schedule: got {cfg.schedule!r}; expected one of {SCHEDULES}")
+  if not cfg.learning_rate > 0:
+    raise ValueError(f"optimizer.learning_rate: got {cfg.learning_rate!r}; expected > 0")
   if cfg.schedule == "constant":
     return optax.constant_schedule(cfg.learning_rate)
   if cfg.schedule == "cosine":
@@ -15,9 +29,9 @@ def make_schedule(cfg, num_steps: int):
                                             max(num_steps, cfg.warmup_steps + 1))
 
 
-def make_optimizer(cfg, num_steps: int) -> optax.GradientTransformation:
-  """``cfg``: name, learning_rate, schedule, warmup_steps, momentum, weight_decay, grad_clip."""
-  schedule = make_schedule(cfg, num_steps)
+def _base(cfg, schedule) -> optax.GradientTransformation:
+  if cfg.name not in OPTIMIZERS:
+    raise ValueError(f"optimizer.name: got {cfg.name!r}; expected one of {OPTIMIZERS}")
   if cfg.name == "sgd":
     opt = optax.sgd(schedule, momentum=cfg.momentum or None)
     if cfg.weight_decay:
@@ -31,3 +45,57 @@ def make_optimizer(cfg, num_steps: int) -> optax.GradientTransformation:
   if cfg.grad_clip:
     opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
   return opt
+
+
+def freeze(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``inner``'s state, kept as it is, and zero updates."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map(jax.numpy.zeros_like, updates), state
+  return optax.GradientTransformation(inner.init, update)
+
+
+def group_rules(cfg) -> tuple[dict, tuple]:
+  """``({prefix: lr scale}, frozen prefixes)`` of an optimizer config (empty when absent)."""
+  scales = dict(cfg.get("lr_scale", None) or ())
+  frozen = tuple(cfg.get("frozen", None) or ())
+  return scales, frozen
+
+
+def check_groups(cfg, group_names) -> None:
+  """Raises ValueError if a scale or frozen prefix matches none of the model's ``group_names``."""
+  scales, frozen = group_rules(cfg)
+  for field, prefixes in (("lr_scale", tuple(scales)), ("frozen", frozen)):
+    for prefix in prefixes:
+      if not any(labels.matches(name, prefix) for name in group_names):
+        raise ValueError(f"optimizer.{field}: {prefix!r} matches no parameter group; the "
+                         f"model's groups are {list(group_names)}")
+  for prefix, scale in scales.items():
+    if not isinstance(scale, (int, float)) or scale < 0:
+      raise ValueError(f"optimizer.lr_scale: {prefix!r} has scale {scale!r}; expected a "
+                       "number >= 0")
+
+
+def make_optimizer(cfg, num_steps: int, label_fn=None) -> optax.GradientTransformation:
+  """``cfg``: name, learning_rate, schedule, warmup_steps, momentum, weight_decay, grad_clip,
+  and optionally lr_scale / frozen; ``label_fn(params)`` gives the labels (needed with groups).
+  """
+  schedule = make_schedule(cfg, num_steps)
+  scales, frozen = group_rules(cfg)
+  if not scales and not frozen:
+    return _base(cfg, schedule)
+  if label_fn is None:
+    raise ValueError("make_optimizer: optimizer.lr_scale / optimizer.frozen need label_fn")
+
+  def rule(label):
+    """The longest matching prefix decides: ("frozen",) or ("scale", s)."""
+    best = max((p for p in (*scales, *frozen) if labels.matches(label, p)), key=len, default=None)
+    if best is None:
+      return "scale=1"
+    return "frozen" if best in frozen else f"scale={scales[best]}"
+
+  transforms = {"scale=1": _base(cfg, schedule), "frozen": freeze(_base(cfg, schedule))}
+  for scale in scales.values():
+    transforms[f"scale={scale}"] = optax.chain(_base(cfg, schedule), optax.scale(scale))
+  return optax.multi_transform(
+      transforms, lambda params: jax.tree_util.tree_map(rule, label_fn(params)))

@@ -1,13 +1,21 @@
-"""The data-parallel train step and eval step (one ``jax.jit`` over a ``Mesh``).
+"""The pieces of a train step: per-task terms of one forward pass, balancing, the update.
 
-Per-task gradients come from one forward pass: the shared features are computed once, each
-task's loss is back-propagated through its own head only (its cotangent is one, or the task's
-weight for loss-level methods), and the T feature cotangents are either combined by the method
-(representation level, one backward through the backbone) or pushed through the backbone with
-one ``jax.vmap`` over its VJP (parameter level). Heads get the gradient of ``Σ_t L_t`` under
-gradient-level methods (each head sees only its own loss, as in LibMTL), and of ``Σ_t w_t L_t``
-under loss-level ones.
+:func:`task_terms` runs the model once and returns the task losses with two ways to get
+gradients from the same forward pass: ``combine(w)``, the gradient of ``Σ_t w_t L_t`` with
+respect to every parameter (one backward pass), and ``per_task()``, the per-task gradients of
+the shared part at the chosen level plus a ``finish`` that turns a combined direction into the
+full parameter gradient. With an encoder model the shared features are computed once, each task
+is back-propagated through its own parameters only, and the T feature cotangents are either
+handed to the method (representation level: then one backward through the encoder) or pushed
+through the encoder by one ``jax.vmap`` over its VJP (parameter level). A model without a
+shared encoder (the general path) gets one ``jax.vmap`` over the VJP of its loss vector.
+A task's own parameters get the gradient of ``Σ_t L_t`` under gradient-level methods (each sees
+only its own loss, as in LibMTL) and of ``Σ_t w_t L_t`` under loss-level ones.
+:func:`mtjax.train.trainer.make_trainer` composes these into the jitted step.
 """
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +23,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mtjax.models.multitask import SHARED, head_scope, merge_params, split_params
+from mtjax.models import labels
+from mtjax.tasks import loss_and_parts
 from mtjax.train.state import TrainState
 
 GRAD_LEVELS = ("parameter", "representation")
@@ -38,123 +47,167 @@ def replicate(tree, mesh: Mesh):
   return jax.tree_util.tree_map(lambda x: jax.device_put(np.array(x), replicated), tree)
 
 
-def _collection(variables, scope):
-  return {scope: variables[scope]} if scope in variables else {}
+def has_shared_encoder(model) -> bool:
+  """Whether ``model`` splits into ``encode`` (shared) and ``decode`` (per task)."""
+  return callable(getattr(model, "encode", None)) and callable(getattr(model, "decode", None))
 
 
-def task_forward(model, tasks, params, batch_stats, batch):
-  """Shared features and per-task VJPs of one forward pass (the first half of a train step).
+def check_grad_level(model, grad_level: str) -> None:
+  """Raises ValueError unless ``model`` supports ``grad_level``."""
+  if grad_level not in GRAD_LEVELS:
+    raise ValueError(f"grad_level: got {grad_level!r}; expected one of {GRAD_LEVELS}")
+  if grad_level == "representation" and not has_shared_encoder(model):
+    raise ValueError(
+        f"grad_level: 'representation' needs a shared representation, and "
+        f"{type(model).__name__} has no shared encoder (each task reads its own features); "
+        "use grad_level='parameter'")
 
-  Returns ``(losses (T,), features, encode_vjp, head_vjps, new_batch_stats, outputs)``.
+
+class TaskTerms(NamedTuple):
+  """What one forward pass gives (see the module docstring)."""
+
+  losses: jax.Array          # (T,) float32
+  parts: dict                # {task: {part: scalar}}: the parts of losses that have them
+  outputs: dict              # {task: output}
+  batch_stats: Any           # the batch statistics after this pass
+  combine: Callable          # weights (T,) -> ∇ Σ_t w_t L_t of every parameter
+  per_task: Callable         # () -> (task grads with a leading T axis, finish)
+
+
+def _tree_sum(trees):
+  return jax.tree_util.tree_map(lambda *xs: sum(xs), *trees)
+
+
+def _tree_stack(trees):
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def task_terms(model, tasks, params, batch_stats, batch, *, grad_level="parameter",
+               train=True, frozen=()) -> TaskTerms:
+  """The per-task terms of one forward pass of ``model`` on ``batch``.
+
+  ``frozen``: label prefixes of parameter groups that are not differentiated (their gradient
+  is zero and its backward pass is not computed).
   """
+  def trainable(p):
+    return labels.stop_gradient(model, p, frozen)
+
+  if has_shared_encoder(model):
+    return _encoder_terms(model, tasks, params, batch_stats, batch, grad_level, train, trainable)
+  return _joint_terms(model, tasks, params, batch_stats, batch, grad_level, train, trainable)
+
+
+def _encoder_terms(model, tasks, params, batch_stats, batch, grad_level, train, trainable):
   images = batch["image"]
   output_size = images.shape[1:3]
-  shared, heads = split_params(params, tasks)
+  own, stats = labels.split(model, params), labels.split(model, batch_stats)
 
   def encode(p):
-    variables = {"params": {SHARED: p}, "batch_stats": _collection(batch_stats, SHARED)}
-    features, updates = model.apply(variables, images, True, method="encode",
+    variables = {"params": trainable(p), "batch_stats": stats.get(labels.SHARED, {})}
+    features, updates = model.apply(variables, images, train, method="encode",
                                     mutable=["batch_stats"])
     return features, updates["batch_stats"]
 
-  features, encode_vjp, new_stats = jax.vjp(encode, shared, has_aux=True)
-  new_stats = dict(new_stats)
-  losses, head_vjps, outputs = [], [], {}
+  features, encode_vjp, new_stats = jax.vjp(encode, own.get(labels.SHARED, {}), has_aux=True)
+  losses, head_vjps, outputs, parts, task_stats = [], [], {}, {}, []
   for name, task in tasks.items():
-    scope = head_scope(name)
-
-    def head_loss(p, f, name=name, task=task, scope=scope):
-      variables = {"params": {scope: p}, "batch_stats": _collection(batch_stats, scope)}
-      out, updates = model.apply(variables, f, name, output_size, True, method="decode",
+    def head_loss(p, f, name=name, task=task):
+      variables = {"params": trainable(p), "batch_stats": stats.get(name, {})}
+      out, updates = model.apply(variables, f, name, output_size, train, method="decode",
                                  mutable=["batch_stats"])
-      return task.loss_fn(out, batch).astype(jnp.float32), (updates["batch_stats"], out)
+      loss, loss_parts = loss_and_parts(task, out, batch)
+      return loss, (updates["batch_stats"], out, loss_parts)
 
-    loss, head_vjp, (stats, out) = jax.vjp(head_loss, heads[name], features, has_aux=True)
+    loss, head_vjp, (head_stats, out, loss_parts) = jax.vjp(head_loss, own.get(name, {}),
+                                                            features, has_aux=True)
     losses.append(loss)
     head_vjps.append(head_vjp)
-    new_stats.update(stats)
+    task_stats.append(head_stats)
     outputs[name] = out
-  return jnp.stack(losses), features, encode_vjp, head_vjps, new_stats, outputs
+    if loss_parts:
+      parts[name] = loss_parts
+  losses = jnp.stack(losses)
+
+  def backward_heads(cotangents):
+    pulled = [head_vjp(cotangents[i]) for i, head_vjp in enumerate(head_vjps)]
+    return [p for p, _ in pulled], [f for _, f in pulled]
+
+  def combine(weights):
+    head_grads, feature_grads = backward_heads(jnp.asarray(weights, losses.dtype))
+    (shared_grads,) = encode_vjp(_tree_sum(feature_grads))
+    return labels.merge(shared_grads, *head_grads)
+
+  def per_task():
+    head_grads, feature_grads = backward_heads(jnp.ones_like(losses))
+    head_grads = labels.merge(*head_grads)
+    stacked = _tree_stack(feature_grads)
+    if grad_level == "representation":
+      return stacked, lambda direction: labels.merge(encode_vjp(direction)[0], head_grads)
+    (shared,) = jax.vmap(encode_vjp)(stacked)
+    return shared, lambda direction: labels.merge(direction, head_grads)
+
+  return TaskTerms(losses, parts, outputs, labels.merge(new_stats, *task_stats), combine,
+                   per_task)
 
 
-def task_gradients(model, tasks, method, grad_level, state: TrainState, batch, key):
-  """The combined gradient of all parameters, the new weighting state, losses and weights."""
-  losses, _, encode_vjp, head_vjps, new_stats, _ = task_forward(
-      model, tasks, state.params, state.batch_stats, batch)
-  wstate = state.weighting_state
-  if method.level == "loss":
-    _, wstate, weights = method.update(None, wstate, losses=losses, key=key)
-    cotangents = jax.lax.stop_gradient(weights).astype(losses.dtype)
-  elif method.level == "gradient":
-    cotangents = jnp.ones_like(losses)
-  else:
-    raise ValueError(f"weighting level {method.level!r} needs its own train step "
-                     "(see mtjax.train.meta for 'meta')")
-  head_grads, feature_grads = {}, []
-  for i, (name, head_vjp) in enumerate(zip(tasks, head_vjps, strict=True)):
-    head_grads[name], feature_grad = head_vjp(cotangents[i])
-    feature_grads.append(feature_grad)
-  if method.level == "loss":
-    (shared_grads,) = encode_vjp(sum(feature_grads))
-  elif grad_level == "representation":
-    combined, wstate, weights = method.update(jnp.stack(feature_grads), wstate, losses=losses,
-                                              key=key)
-    (shared_grads,) = encode_vjp(combined)
-  else:
-    (per_task,) = jax.vmap(encode_vjp)(jnp.stack(feature_grads))
-    shared_grads, wstate, weights = method.update(per_task, wstate, losses=losses, key=key)
-  return merge_params(shared_grads, head_grads), wstate, new_stats, losses, weights
-
-
-def make_train_step(model, tasks, method, optimizer, *, grad_level="parameter", mesh=None,
-                    donate=True):
-  """A jitted ``step(state, batch) -> (state, metrics)``, data-parallel over ``mesh``.
-
-  ``tasks`` maps task names to :class:`mtjax.tasks.Task`; ``method`` is a weighting method;
-  ``optimizer`` an optax ``GradientTransformation``. The batch is sharded on the mesh's
-  ``"data"`` axis and everything else replicated; the state's buffers are donated.
-  """
-  if grad_level not in GRAD_LEVELS:
-    raise ValueError(f"grad_level: expected one of {GRAD_LEVELS}, got {grad_level!r}")
+def _joint_terms(model, tasks, params, batch_stats, batch, grad_level, train, trainable):
+  own = labels.split(model, params)
+  shared = own.pop(labels.SHARED, {})
+  specific = labels.merge(*own.values())
   names = tuple(tasks)
 
-  def step(state: TrainState, batch):
-    key = jax.random.fold_in(state.key, state.step)
-    grads, wstate, batch_stats, losses, weights = task_gradients(
-        model, tasks, method, grad_level, state, batch, key)
-    return apply_gradients(state, optimizer, names, grads, wstate, batch_stats, losses, weights)
+  def loss_vector(shared, specific):
+    variables = {"params": trainable(labels.merge(shared, specific)),
+                 "batch_stats": batch_stats}
+    outputs, updates = model.apply(variables, batch["image"], train, mutable=["batch_stats"])
+    pairs = [loss_and_parts(task, outputs[name], batch) for name, task in tasks.items()]
+    parts = {name: p for name, (_, p) in zip(names, pairs, strict=True) if p}
+    return (jnp.stack([loss for loss, _ in pairs]),
+            (updates["batch_stats"], {n: outputs[n] for n in names}, parts))
 
-  return jit_step(step, mesh, donate)
+  losses, vjp, (new_stats, outputs, parts) = jax.vjp(loss_vector, shared, specific,
+                                                     has_aux=True)
+
+  def combine(weights):
+    return labels.merge(*vjp(jnp.asarray(weights, losses.dtype)))
+
+  def per_task():
+    if grad_level != "parameter":
+      check_grad_level(model, grad_level)
+    shared_grads, specific_grads = jax.vmap(vjp)(jnp.eye(len(names), dtype=losses.dtype))
+    specific_sum = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), specific_grads)
+    return shared_grads, lambda direction: labels.merge(direction, specific_sum)
+
+  return TaskTerms(losses, parts, outputs, new_stats, combine, per_task)
 
 
-def apply_gradients(state: TrainState, optimizer, names, grads, weighting_state, batch_stats,
-                    losses, weights):
+def balance(terms: TaskTerms, method, weighting_state, key):
+  """``(gradient of every parameter, new weighting state, task weights)`` under ``method``."""
+  if method.level == "loss":
+    _, weighting_state, weights = method.update(None, weighting_state, losses=terms.losses,
+                                                key=key)
+    return terms.combine(jax.lax.stop_gradient(weights)), weighting_state, weights
+  if method.level == "gradient":
+    task_grads, finish = terms.per_task()
+    direction, weighting_state, weights = method.update(task_grads, weighting_state,
+                                                        losses=terms.losses, key=key)
+    return finish(direction), weighting_state, weights
+  raise ValueError(f"weighting level {method.level!r} needs its own train step "
+                   "(see mtjax.train.meta for 'meta')")
+
+
+def apply_gradients(state: TrainState, optimizer, names, grads, weighting_state,
+                    terms: TaskTerms, weights):
   """The optimizer update that ends a train step, and the step's metrics."""
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  losses = terms.losses
   metrics = {"loss": jnp.sum(losses), "grad_norm": optax.tree_utils.tree_norm(grads)}
   for i, name in enumerate(names):
     metrics[f"loss/{name}"] = losses[i]
     metrics[f"weight/{name}"] = weights[i]
-  new_state = TrainState(state.step + 1, params, batch_stats, opt_state, weighting_state,
+    for part, value in terms.parts.get(name, {}).items():
+      metrics[f"loss/{name}/{part}"] = value
+  new_state = TrainState(state.step + 1, params, terms.batch_stats, opt_state, weighting_state,
                          state.key)
   return new_state, metrics
-
-
-def jit_step(step, mesh=None, donate=True):
-  """``jax.jit`` of ``step(state, batch)``: state replicated, batch sharded on ``"data"``."""
-  mesh = make_mesh() if mesh is None else mesh
-  replicated = NamedSharding(mesh, PartitionSpec())
-  data = NamedSharding(mesh, PartitionSpec("data"))
-  return jax.jit(step, in_shardings=(replicated, data), out_shardings=replicated,
-                 donate_argnums=(0,) if donate else ())
-
-
-def make_eval_step(model, tasks, *, mesh=None):
-  """A jitted ``eval_step(state, batch) -> {task: {metric: (sum, count)}}``."""
-  def eval_step(state: TrainState, batch):
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    outputs = model.apply(variables, batch["image"], train=False)
-    return {name: task.metrics_fn(outputs[name], batch) for name, task in tasks.items()}
-
-  return jit_step(eval_step, mesh, donate=False)

@@ -89,8 +89,12 @@ def test_errors_name_the_field_and_the_allowed_values(builder, data_dir, kwargs,
 
 def test_dataset_info():
   info = dataset_info("shapes")
-  assert info["class_names"] == shapes.CLASS_NAMES and info["num_classes"] == 5
+  assert info["class_names"] == shapes.CLASS_NAMES
   assert {"segmentation", "depth", "normals", "classification", "detection"} <= set(info["tasks"])
+  # Each task's own class count: segmentation counts the background, the labels do not.
+  assert info["tasks"]["segmentation"] == {"num_classes": 5}
+  assert info["tasks"]["classification"] == {"num_classes": 4}
+  assert info["tasks"]["depth"] == {}
   assert info["splits"] == ("train", "validation", "test")
-  with pytest.raises(ValueError, match="name"):
+  with pytest.raises(ValueError, match=r"dataset.name: unknown dataset 'nyu'"):
     dataset_info("nyu")

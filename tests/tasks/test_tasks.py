@@ -89,8 +89,9 @@ def test_missing_labels_give_zero_loss_not_nan(name):
   batch = {"segmentation": np.zeros((2, 4, 4), np.int32), "depth": np.ones((2, 4, 4), np.float32),
            "depth_valid": np.ones((2, 4, 4), bool), "normals": np.ones((2, 4, 4, 3), np.float32),
            "labels": np.ones((2, 4), np.float32), f"{name}_mask": np.zeros((2,), np.float32)}
-  task = tasks.get(name, 5)
-  channels = tasks.head_channels(name, 5)
+  task = tasks.get(name, **{"segmentation": {"num_classes": 5},
+                            "classification": {"num_classes": 4}}.get(name, {}))
+  channels = {"segmentation": 5, "depth": 1, "normals": 3, "classification": 4}[name]
   output = jnp.ones((2, channels)) if name == "classification" else jnp.ones((2, 4, 4, channels))
   loss = task.loss_fn(output, batch)
   assert loss == 0.0
@@ -120,3 +121,41 @@ def test_metrics_are_exact_under_padding_and_batch_splitting():
 def test_unknown_task_lists_valid_names():
   with pytest.raises(ValueError, match=r"unknown task 'flow'.*'depth'"):
     tasks.get("flow")
+
+
+def test_task_options_are_checked():
+  with pytest.raises(ValueError, match=r"task 'depth': unknown option\(s\) \['num_classes'\]"):
+    tasks.get("depth", num_classes=5)
+  with pytest.raises(ValueError, match=r"task 'segmentation': num_classes: expected a positive"):
+    tasks.get("segmentation").head(hidden=8)
+
+
+@pytest.mark.parametrize("name,options,keys", [
+    ("segmentation", {"num_classes": 5}, {"segmentation": ((6, 7), jnp.int32)}),
+    ("depth", {}, {"depth": ((6, 7), jnp.float32), "depth_valid": ((6, 7), jnp.bool_)}),
+    ("normals", {}, {"normals": ((6, 7, 3), jnp.float32), "depth_valid": ((6, 7), jnp.bool_)}),
+    ("classification", {"num_classes": 4}, {"labels": ((4,), jnp.float32)}),
+])
+def test_each_task_owns_its_head_and_label_spec(name, options, keys):
+  task = tasks.get(name, **options)
+  assert task.label_spec((6, 7)) == keys
+  assert tasks.label_keys(task) == tuple(keys)
+  head = task.head(hidden=8, dtype=jnp.float32)
+  features = jnp.ones((2, 3, 3, 4))
+  out, _ = head.init_with_output(jax.random.PRNGKey(0), features, (6, 7), False)
+  expected = {"segmentation": (2, 6, 7, 5), "depth": (2, 6, 7, 1), "normals": (2, 6, 7, 3),
+              "classification": (2, 4)}[name]
+  assert out.shape == expected
+
+
+def test_check_batch_names_the_key_and_the_shape():
+  spec = {n: tasks.get(n, **o) for n, o in (("segmentation", {"num_classes": 5}), ("depth", {}))}
+  batch = {"image": np.zeros((2, 6, 7, 3)), "segmentation": np.zeros((2, 6, 7)),
+           "depth": np.zeros((2, 6, 7)), "depth_valid": np.zeros((2, 6, 7), bool)}
+  tasks.check_batch(spec, batch, (6, 7), 2)
+  batch["segmentation"] = np.zeros((2, 6, 6))
+  with pytest.raises(ValueError, match=r"batch\['segmentation'\].*\(2, 6, 6\).*\(2, 6, 7\)"):
+    tasks.check_batch(spec, batch, (6, 7), 2)
+  del batch["depth_valid"]
+  with pytest.raises(ValueError, match="batch: missing 'depth_valid'"):
+    tasks.check_batch(spec, batch, (6, 7), 2)

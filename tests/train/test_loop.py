@@ -124,13 +124,14 @@ def test_batch_of_the_wrong_shape(data_dir):
   batch = {"image": np.zeros((8, 32, 32, 3)), "segmentation": np.zeros((8, 16, 16)),
            "depth": np.zeros((8, 32, 32)), "depth_valid": np.zeros((8, 32, 32), bool),
            "normals": np.zeros((8, 32, 32, 3))}
-  from mtjax import config as config_lib
+  from mtjax import tasks
+  exp = loop.build(cfg)
   with pytest.raises(ValueError, match=r"batch\['segmentation'\].*\(8, 16, 16\).*\(8, 32, 32\)"):
-    config_lib.check_batch(cfg, batch, 5, 8)
+    tasks.check_batch(exp.tasks, batch, cfg.dataset.image_size, 8)
   del batch["depth"]
   batch["segmentation"] = np.zeros((8, 32, 32))
   with pytest.raises(ValueError, match="batch: missing 'depth'"):
-    config_lib.check_batch(cfg, batch, 5, 8)
+    tasks.check_batch(exp.tasks, batch, cfg.dataset.image_size, 8)
 
 
 def test_meta_method_trains_with_its_own_step(data_dir, tmp_path):

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 
 from mtjax import weighting
-from mtjax.models import merge_params, split_params
-from mtjax.train import state as state_lib
+from mtjax.models import labels
 from mtjax.train import step as step_lib
 from mtjax.weighting.base import EmptyState, Method, weighted_sum
-from tests.helpers import scenes, tiny_setup
+from tests.helpers import scenes, tiny_setup, tiny_trainer
 
 BATCH = 8
 
@@ -24,14 +23,10 @@ def _sum_as_gradient_method():
 
 
 def _run(method, grad_level="parameter", devices=None, steps=2, batch=None):
-  model, tasks, opt = tiny_setup()
-  mesh = step_lib.make_mesh(devices)
-  state = state_lib.create(model, tuple(tasks), method, opt, key=jax.random.PRNGKey(0),
-                           image_shape=(32, 32, 3), batch_size=BATCH, grad_level=grad_level)
-  step = step_lib.make_train_step(model, tasks, method, opt, grad_level=grad_level, mesh=mesh)
+  trainer, state, mesh = tiny_trainer(method, grad_level, devices, batch=BATCH)
   batch = scenes(BATCH) if batch is None else batch
   for _ in range(steps):
-    state, metrics = step(state, step_lib.shard_batch(batch, mesh))
+    state, metrics = trainer.step(state, step_lib.shard_batch(batch, mesh))
   return jax.device_get(state), jax.device_get(metrics)
 
 
@@ -41,27 +36,18 @@ def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 
 
 def test_per_task_gradients_match_separate_backward_passes():
-  model, tasks, opt = tiny_setup()
-  method = _sum_as_gradient_method()
-  state = state_lib.create(model, tuple(tasks), method, opt, key=jax.random.PRNGKey(0),
-                           image_shape=(32, 32, 3), batch_size=BATCH)
+  model, tasks, _ = tiny_setup()
+  _, state, _ = tiny_trainer(_sum_as_gradient_method(), batch=BATCH)
   batch = jax.tree_util.tree_map(jnp.asarray, scenes(BATCH))
-  captured = {}
-
-  def capture(task_grads, wstate, *, losses, key=None):
-    captured["grads"] = task_grads
-    return method.update(task_grads, wstate, losses=losses, key=key)
-
-  spy = Method(method.init, capture, "gradient")
-  step_lib.task_gradients(model, tasks, spy, "parameter", state, batch, jax.random.PRNGKey(1))
-  names = tuple(tasks)
-  for i, name in enumerate(names):
+  terms = step_lib.task_terms(model, tasks, state.params, state.batch_stats, batch)
+  task_grads, _ = terms.per_task()
+  for i, name in enumerate(tasks):
     def task_loss(params, name=name):
       variables = {"params": params, "batch_stats": state.batch_stats}
       out, _ = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
       return tasks[name].loss_fn(out[name], batch)
-    expected, _ = split_params(jax.grad(task_loss)(state.params), names)
-    got = jax.tree_util.tree_map(lambda g, i=i: g[i], captured["grads"])
+    expected = labels.split(model, jax.grad(task_loss)(state.params))[labels.SHARED]
+    got = jax.tree_util.tree_map(lambda g, i=i: g[i], task_grads)
     _assert_trees_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
@@ -77,8 +63,8 @@ def test_loss_level_weights_scale_the_gradients():
   # Fixed weights (2, 0, 0, 0) must equal training on segmentation alone with its loss doubled.
   weighted, _ = _run(weighting.get("fixed", weights=(2.0, 0.0, 0.0, 0.0)), steps=1)
   model, tasks, opt = tiny_setup()
-  state = state_lib.create(model, tuple(tasks), weighting.get("ew"), opt,
-                           key=jax.random.PRNGKey(0), image_shape=(32, 32, 3), batch_size=BATCH)
+  _, state, _ = tiny_trainer(weighting.get("ew"), batch=BATCH)
+  state = jax.device_get(state)
   batch = jax.tree_util.tree_map(jnp.asarray, scenes(BATCH))
 
   def loss(params):
@@ -126,14 +112,6 @@ def test_missing_labels_are_skipped_not_nan():
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state.params))
 
 
-def test_merge_split_roundtrip():
-  model, tasks, _ = tiny_setup()
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
-  shared, heads = split_params(params, tuple(tasks))
-  assert merge_params(shared, heads).keys() == params.keys()
-
-
 def test_bad_grad_level():
-  model, tasks, opt = tiny_setup()
-  with pytest.raises(ValueError, match="grad_level"):
-    step_lib.make_train_step(model, tasks, weighting.get("ew"), opt, grad_level="layer")
+  with pytest.raises(ValueError, match="grad_level: got 'layer'"):
+    tiny_trainer(weighting.get("ew"), grad_level="layer")

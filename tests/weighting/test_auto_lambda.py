@@ -23,7 +23,7 @@ class _Linear(nn.Module):
 
 def _sq_task(name):
   loss = lambda out, batch: 0.5 * jnp.mean((out - batch[name]) ** 2)  # noqa: E731
-  return Task(name, "dense", loss, None, None, (name,), {})
+  return Task(name, None, loss, None, None, lambda size: {name: ((), jnp.float32)}, {})
 
 
 def test_meta_gradient_matches_the_closed_form():

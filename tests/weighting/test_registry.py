@@ -11,10 +11,8 @@ import optax
 import pytest
 
 from mtjax import weighting
-from mtjax.train import meta as meta_lib
-from mtjax.train import state as state_lib
 from mtjax.train import step as step_lib
-from tests.helpers import scenes, tiny_setup
+from tests.helpers import scenes, tiny_trainer
 
 NAMES = weighting.names()
 GRAD_METHODS = [n for n in NAMES if weighting.get(n).level == "gradient"]
@@ -65,21 +63,13 @@ def test_contract_on_adversarial_inputs(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_one_train_step_per_method(name):
   """Each method drives a real step: finite loss, finite weights (GradDrop: NaN by design)."""
-  model, tasks, _ = tiny_setup(("segmentation", "depth", "normals"))
-  optimizer = optax.adam(1e-3)
+  tasks = ("segmentation", "depth", "normals")
   method = weighting.get(name)
   level = "representation" if method.level == "gradient" else "parameter"
-  mesh = step_lib.make_mesh(jax.devices()[:2])
-  state = state_lib.create(model, tuple(tasks), method, optimizer, key=jax.random.PRNGKey(0),
-                           image_shape=(16, 16, 3), batch_size=4, grad_level=level)
+  trainer, state, mesh = tiny_trainer(method, level, jax.devices()[:2], tasks, batch=4, size=16,
+                                      optimizer=optax.adam(1e-3), lookahead_lr=1e-3)
   batch = step_lib.shard_batch(scenes(4, size=16), mesh)
-  if method.level == "meta":
-    step = meta_lib.make_meta_train_step(model, tasks, method, optimizer, lookahead_lr=1e-3,
-                                         mesh=mesh)
-    new_state, metrics = step(state, batch, batch)
-  else:
-    step = step_lib.make_train_step(model, tasks, method, optimizer, grad_level=level, mesh=mesh)
-    new_state, metrics = step(state, batch)
+  new_state, metrics = trainer.step(state, batch, batch if method.level == "meta" else None)
   assert int(new_state.step) == 1
   assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
   weights = np.array([float(metrics[f"weight/{t}"]) for t in tasks])

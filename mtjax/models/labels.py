@@ -1,0 +1,69 @@
+"""Parameter labels: which task owns a parameter, and finer groups for the optimizer.
+
+A multi-task model labels each path of its variable trees (``model.param_label(path)``) with
+``"shared"`` or a task name, optionally refined after a slash (``"shared/stage4"``). The part
+before the first slash is the parameter's *owner*: the train step differentiates the shared
+parameters per task and each task's own parameters by its loss alone; the optimizer applies
+per-group learning-rate scales and freezing by label prefix. Nothing else names parameters.
+"""
+
+import flax.traverse_util as traverse
+import jax
+
+SHARED = "shared"
+
+
+def owner(label: str) -> str:
+  """``"shared"`` or the task name: the label up to its first slash."""
+  return label.split("/", 1)[0]
+
+
+def matches(label: str, prefix: str) -> bool:
+  """Whether ``label`` is ``prefix`` or inside it (``"shared/stage1"`` is in ``"shared"``)."""
+  return label == prefix or label.startswith(prefix + "/")
+
+
+def label_tree(model, tree):
+  """``tree`` (params, batch stats or their gradients) with each leaf replaced by its label."""
+  flat = traverse.flatten_dict(dict(tree))
+  return traverse.unflatten_dict({path: model.param_label(path) for path in flat})
+
+
+def split(model, tree) -> dict:
+  """``{owner: subtree}``: the leaves of ``tree`` grouped by owner, paths kept."""
+  parts = {}
+  for path, leaf in traverse.flatten_dict(dict(tree)).items():
+    parts.setdefault(owner(model.param_label(path)), {})[path] = leaf
+  return {name: traverse.unflatten_dict(flat) for name, flat in parts.items()}
+
+
+def merge(*trees) -> dict:
+  """The union of trees with disjoint paths (the inverse of :func:`split`)."""
+  flat = {}
+  for tree in trees:
+    flat.update(traverse.flatten_dict(dict(tree)))
+  return traverse.unflatten_dict(flat)
+
+
+def groups(model, tree) -> list[str]:
+  """The distinct labels of ``tree``, sorted."""
+  return sorted({model.param_label(p) for p in traverse.flatten_dict(dict(tree))})
+
+
+def in_groups(label: str, prefixes) -> bool:
+  """Whether ``label`` is in one of the groups named by label ``prefixes``."""
+  return any(matches(label, prefix) for prefix in prefixes)
+
+
+def stop_gradient(model, tree, prefixes):
+  """``tree`` with ``jax.lax.stop_gradient`` on the leaves in the groups ``prefixes``.
+
+  Applied inside a differentiated function, the frozen leaves get a symbolic zero cotangent:
+  their backward pass is not computed at all.
+  """
+  if not prefixes:
+    return tree
+  flat = traverse.flatten_dict(dict(tree))
+  return traverse.unflatten_dict({
+      path: jax.lax.stop_gradient(leaf) if in_groups(model.param_label(path), prefixes) else leaf
+      for path, leaf in flat.items()})
