@@ -24,16 +24,22 @@ def test_train_then_eval_with_method_hyperparameters(tmp_path):
   env = {**os.environ, "MTJAX_DATA_DIR": str(tmp_path / "data"), "JAX_PLATFORMS": "cpu"}
   config = "experiments/configs/shapes.py:fixed"
   workdir = str(tmp_path / "run")
+  groups = ['--config.optimizer.frozen=("shared/stem",)',
+            '--config.optimizer.lr_scale=(("shared", 0.5), ("depth", 2.0))']
   run = _mtjax("train", "--config", config, "--workdir", workdir,
-               "--config.weighting.weights=(1.0, 0.0, 2.0)", *TINY, env=env)
+               "--config.weighting.weights=(1.0, 0.0, 2.0)", *groups, *TINY, env=env)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "| segmentation | miou |" in run.stdout
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     first = json.loads(f.readline())
+  with open(os.path.join(workdir, "config.json")) as f:
+    optimizer = json.load(f)["optimizer"]
+  assert optimizer["frozen"] == ["shared/stem"]
+  assert optimizer["lr_scale"] == [["shared", 0.5], ["depth", 2.0]]
   assert (first["weight/segmentation"], first["weight/depth"], first["weight/normals"]) == (
       1.0, 0.0, 2.0)
   again = _mtjax("eval", "--config", config, "--workdir", workdir,
-                 "--config.weighting.weights=(1.0, 0.0, 2.0)", *TINY, env=env)
+                 "--config.weighting.weights=(1.0, 0.0, 2.0)", *groups, *TINY, env=env)
   assert again.returncode == 0, again.stderr[-3000:]
   other = _mtjax("train", "--config", "experiments/configs/shapes.py:pcgrad", "--workdir",
                  workdir, *TINY, env=env)
