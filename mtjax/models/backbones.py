@@ -118,8 +118,11 @@ class ResNet(nn.Module):
 
 
 def last_stage(stages):
-  """The deepest feature map of a backbone's ``{stage name: features}`` output."""
-  return stages[next(reversed(stages))]
+  """The deepest feature map of a backbone's ``{"stem", "stage1", ...}`` output.
+
+  By number, not by order: a dict that went through a JAX transformation has sorted keys.
+  """
+  return stages[max((k for k in stages if k.startswith("stage")), key=lambda k: int(k[5:]))]
 
 
 STEMS = ("imagenet", "small", "cifar")

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mtjax.models import backbones, build
+from mtjax import tasks as tasks_lib
+from mtjax.models import backbones, build, labels
 
 
 def _num_params(tree):
@@ -26,9 +27,22 @@ def test_parameter_counts_match_torchvision_trunks(name, expected):
     ("small", 2, 32), ("cifar", 1, 64)])
 def test_output_stride(stem, output_stride, expected):
   model = backbones.get("resnet18", width=8, output_stride=output_stride, stem=stem)
-  out = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0),
-                                                      jnp.zeros((2, 64, 64, 3)), train=False)[0])
-  assert out.shape == (2, expected, expected, 64)
+  stages = jax.eval_shape(lambda: model.init_with_output(
+      jax.random.PRNGKey(0), jnp.zeros((2, 64, 64, 3)), train=False)[0])
+  assert set(stages) == {"stem", "stage1", "stage2", "stage3", "stage4"}
+  assert backbones.last_stage(stages).shape == (2, expected, expected, 64)
+  assert stages["stage1"].shape[-1] == 8 and stages["stage3"].shape[-1] == 32
+
+
+def test_stage_labels_follow_the_stage_sizes():
+  model = backbones.get("resnet34", width=8)
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                                             train=False))["params"]
+  groups = {name: model.param_group((name,)) for name in params}
+  assert groups["Conv_0"] == groups["BatchNorm_0"] == "stem"
+  sizes = [3, 4, 6, 3]  # ResNet-34's blocks per stage
+  expected = [f"stage{i + 1}" for i, n in enumerate(sizes) for _ in range(n)]
+  assert [groups[f"BasicBlock_{k}"] for k in range(sum(sizes))] == expected
 
 
 def test_bad_names_list_the_valid_ones():
@@ -41,9 +55,9 @@ def test_bad_names_list_the_valid_ones():
 
 
 def test_multitask_outputs_and_methods_agree():
-  model = build("resnet_tiny", {"segmentation": ("dense", 5), "depth": ("dense", 1),
-                                "classification": ("classification", 4)},
-                width=8, output_stride=4, stem="small", head_hidden=8)
+  tasks = {"segmentation": tasks_lib.get("segmentation", 5), "depth": tasks_lib.get("depth"),
+           "classification": tasks_lib.get("classification", 4)}
+  model = build("resnet_tiny", tasks, width=8, output_stride=4, stem="small", head_hidden=8)
   images = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
   out = jax.jit(model.apply)(variables, images)
@@ -55,14 +69,21 @@ def test_multitask_outputs_and_methods_agree():
   depth = jax.jit(lambda v, f: model.apply(v, f, "depth", (32, 32), method="decode"))(
       variables, features)
   assert jnp.allclose(features, out["features"]) and jnp.allclose(depth, out["depth"])
+  assert labels.groups(model, variables["params"]) == [
+      "classification", "depth", "segmentation", "shared/stage1", "shared/stage2",
+      "shared/stage3", "shared/stem"]
+  assert labels.groups(model, variables["batch_stats"])[-1] == "shared/stem"
+  own = labels.split(model, variables["params"])
+  assert labels.merge(*own.values()) == variables["params"]
 
 
 def test_bfloat16_compute_keeps_float32_params_and_outputs():
-  model = build("resnet_tiny", {"depth": ("dense", 1)}, width=8, stem="small", dtype="bfloat16")
+  depth = {"depth": tasks_lib.get("depth")}
+  model = build("resnet_tiny", depth, width=8, stem="small", dtype="bfloat16")
   images = jnp.ones((1, 16, 16, 3))
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables["params"]))
   out = jax.jit(model.apply)(variables, images)
   assert out["features"].dtype == jnp.bfloat16 and out["depth"].dtype == jnp.float32
   with pytest.raises(ValueError, match="model.dtype"):
-    build("resnet_tiny", {"depth": ("dense", 1)}, dtype="float16")
+    build("resnet_tiny", depth, dtype="float16")
