@@ -204,7 +204,7 @@ class ExcessMTLState(NamedTuple):
 
 def excess_risks(task_grads, grad_sq_sum, eps: float = 1e-7) -> jax.Array:
   """``(T,)`` excess-risk estimates ``e_t = g_tᵀ diag(H_t)^{-1} g_t`` with the diagonal AdaGrad
-  preconditioner ``H_t = sqrt(Σ_past g_t² + eps)`` (He et al., 2024, Eq. 7; the official code
+  preconditioner ``H_t = sqrt(Σ_past g_t² + eps)`` (He et al., 2024; the official code
   drops the paper's ``½``, which cancels in the ratios used), leaf by leaf."""
   def leaf(g, h):
     g = g.reshape(g.shape[0], -1).astype(jnp.float32)
@@ -215,7 +215,7 @@ def excess_risks(task_grads, grad_sq_sum, eps: float = 1e-7) -> jax.Array:
 
 
 def excess_mtl(robust_step_size: float = 1e-2) -> Method:
-  """ExcessMTL, robust multi-task learning with excess risks (He, Zhou, Zhao & Zhang, 2024,
+  """ExcessMTL, robust multi-task learning with excess risks (He et al., 2024,
   Alg. 1; official code yifei-he/ExcessMTL, ``LibMTL/weighting/ExcessMTL.py``).
 
   Each call adds ``g_t²`` to the task's AdaGrad accumulator and estimates its excess risk

@@ -267,8 +267,8 @@ def _check_window(name, warmup_steps, window_name, window):
 
 
 def stch_weights(losses, nadir, mu, pref):
-  """``∂F/∂L_t`` of the smooth Tchebycheff objective of the official MTL code (Lin et al., 2024,
-  Eq. 8 on log-normalised losses): ``F = T μ log Σ_t exp(λ_t ℓ_t / μ)`` with
+  """``∂F/∂L_t`` of the smooth Tchebycheff objective of the official MTL code (Lin et al., 2024, the
+  smooth Tchebycheff function on log-normalised losses): ``F = T μ log Σ_t exp(λ_t ℓ_t / μ)`` with
   ``ℓ_t = log(L_t / z_t + 1e-20)``, i.e. ``w_t = T softmax(λ ℓ / μ)_t λ_t / (L_t + 1e-20 z_t)``."""
   num_tasks = losses.shape[0]
   ell = pref * jnp.log(losses / nadir + 1e-20)
@@ -277,10 +277,10 @@ def stch_weights(losses, nadir, mu, pref):
 
 def stch(mu: float = 1.0, warmup_steps: int = 0, nadir_steps: int = 1,
          pref_vector=None) -> Method:
-  """Smooth Tchebycheff scalarisation, STCH (Lin, Zhang, Zhang, Li & Zhang, 2024).
+  """Smooth Tchebycheff scalarisation, STCH (Lin et al., 2024).
 
   The Tchebycheff scalarisation ``max_t λ_t (f_t - z_t)`` smoothed by ``μ``:
-  ``g_μ = μ log Σ_t exp(λ_t (f_t - z_t) / μ)`` (Eq. 8), which lies in
+  ``g_μ = μ log Σ_t exp(λ_t (f_t - z_t) / μ)``, which lies in
   ``[max_t λ_t (f_t - z_t), max_t λ_t (f_t - z_t) + μ log T]`` and tends to it as ``μ → 0``.
   As the official MTL code (Xi-L/STCH, ``STCH_MTL/LibMTL/weighting/STCH.py``, also LibMTL's
   ``STCH``): ``f_t - z_t`` is ``ℓ_t = log(L_t / z_t + 1e-20)`` with the nadir point ``z`` the mean
@@ -319,7 +319,7 @@ def stch(mu: float = 1.0, warmup_steps: int = 0, nadir_steps: int = 1,
 
 
 def igb(warmup_steps: int = 1, base_steps: int = 1) -> Method:
-  """Improvable gap balancing, IGBv1 (Dai, Fei & Lu, 2023, Sec. 4.1; official code
+  """Improvable gap balancing, IGBv1 (Dai, Fei & Lu, 2023; official code
   YanqiDai/IGB4MTL, ``ImprovableGapBalancing_v1``).
 
   Objective ``Σ_t v_t log L_t`` with ``v = T softmax(L / L_base)`` held constant (the improvable

@@ -274,7 +274,8 @@ def _clip_weights(weights, g, max_norm):
 
 def fairgrad_weights(g: jax.Array, alpha: float, num_iters: int = 30,
                      ridge: float = 1e-6) -> jax.Array:
-  """FairGrad's weights (Ban & Ji, 2024, Eq. 8 / Alg. 1): the ``w > 0`` with ``G w = w^{-1/α}``.
+  """FairGrad's weights (Ban & Ji, 2024): the ``w > 0`` with ``G w = w^{-1/α}``, the optimality
+  condition of its α-fair problem.
 
   The official code (OptMN-Lab/fairgrad, ``FairGrad.fairgrad``) solves this on the raw Gram
   matrix with scipy's ``least_squares`` from ``1/T``. Here: ``Ĝ = G / s + ridge · I`` with
@@ -319,7 +320,7 @@ def fairgrad_weights(g: jax.Array, alpha: float, num_iters: int = 30,
 
 def fairgrad(alpha: float = 2.0, max_norm: float = 1.0, num_iters: int = 30,
              ridge: float = 1e-6) -> Method:
-  """FairGrad (Ban & Ji, 2024): ``combined = Σ_t w_t g_t`` with ``G w = w^{-1/α}`` (Eq. 8), the
+  """FairGrad (Ban & Ji, 2024): ``combined = Σ_t w_t g_t`` with ``G w = w^{-1/α}``, the
   update that maximises the α-fair utility ``Σ_t <g_t, d>^{1-α} / (1-α)`` of the tasks'
   progress ``<g_t, d>`` subject to ``|d| <= 1`` (up to scale). ``α = 1`` is proportional
   fairness (Nash-MTL's ``w ⊙ G w = 1``); ``α → ∞`` is max-min fairness (equal ``<g_t, d>``).
@@ -343,7 +344,7 @@ def fairgrad(alpha: float = 2.0, max_norm: float = 1.0, num_iters: int = 30,
 
 
 def sdmgrad_weights(g: jax.Array, lamda: float, num_iters: int = 100) -> jax.Array:
-  """SDMGrad's simplex weights (Xiao et al., 2023, Eq. 6 / Alg. 1):
+  """SDMGrad's simplex weights (Xiao et al., 2023, the dual of the problem in :func:`sdmgrad`):
   ``w* = argmin_{w ∈ Δ} ½ |g_w + λ g_0|²`` with ``g_w = Σ_t w_t g_t`` and ``g_0`` the mean, i.e.
   ``½ wᵀ G w + λ wᵀ G u`` (``u = 1/T``), by :func:`solvers.simplex_qp` on ``G / (tr(G) / T)``
   (the minimiser does not depend on the scale)."""
@@ -357,8 +358,9 @@ def sdmgrad_weights(g: jax.Array, lamda: float, num_iters: int = 100) -> jax.Arr
 def sdmgrad(lamda: float = 0.3, max_norm: float = 1.0, num_iters: int = 100) -> Method:
   """SDMGrad (Xiao et al., 2023): ``d = (g_w + λ g_0) / (1 + λ)`` with the weights of
   :func:`sdmgrad_weights`. It solves the direction-oriented problem
-  ``max_d min_{w ∈ Δ} <g_w, d> - ½|d|² - (λ/2)|d - g_0|²`` (Eq. 5), whose solution stays in a
-  neighbourhood of the mean: ``|d - g_0| = |g_w - g_0| / (1 + λ)``; ``λ = 0`` is MGDA's min-norm
+  ``max_d min_{w ∈ Δ} <g_w, d> - ½|d|² - (λ/2)|d - g_0|²`` (the paper's penalised
+  direction-oriented problem), whose solution stays in a neighbourhood of the mean:
+  ``|d - g_0| = |g_w - g_0| / (1 + λ)``; ``λ = 0`` is MGDA's min-norm
   direction, ``λ → ∞`` the mean gradient.
 
   Defaults: ``lamda = 0.3`` (``run.sh`` of the official code OptMN-Lab/sdmgrad for NYUv2 and
