@@ -1,8 +1,8 @@
 """Gradient-level weighting: the task weights come from the per-task gradients.
 
 GradNorm learns weights from the gradient norms, IMTL-G solves for weights that give equal
-projections onto every task's unit gradient, and DB-MTL rescales (averaged) log-loss gradients
-to a common norm.
+projections onto every task's unit gradient, DB-MTL rescales (averaged) log-loss gradients
+to a common norm, and ExcessMTL up-weights the tasks with the larger estimated excess risk.
 """
 
 from typing import Any, NamedTuple
@@ -192,4 +192,69 @@ def db_mtl(beta: float = 0.9, beta_sigma: float = 0.0) -> Method:
 
   return Method(init, update, "gradient")
 
-METHODS = {"gradnorm": gradnorm, "imtl": imtl, "db_mtl": db_mtl}
+
+class ExcessMTLState(NamedTuple):
+  """ExcessMTL: per-task AdaGrad accumulators, the first call's excess risks, the weights."""
+
+  grad_sq_sum: Any          # pytree like grads_like with a leading task axis, float32
+  initial_excess: jax.Array  # (T,): the excess-risk estimates of the first call
+  weights: jax.Array         # (T,): sums to T
+  step: jax.Array            # int32
+
+
+def excess_risks(task_grads, grad_sq_sum, eps: float = 1e-7) -> jax.Array:
+  """``(T,)`` excess-risk estimates ``e_t = g_tᵀ diag(H_t)^{-1} g_t`` with the diagonal AdaGrad
+  preconditioner ``H_t = sqrt(Σ_past g_t² + eps)`` (He et al., 2024; the official code
+  drops the paper's ``½``, which cancels in the ratios used), leaf by leaf."""
+  def leaf(g, h):
+    g = g.reshape(g.shape[0], -1).astype(jnp.float32)
+    h = h.reshape(h.shape[0], -1)
+    return jnp.sum(g * g / jnp.sqrt(h + eps), axis=1)
+  return sum(leaf(g, h) for g, h in zip(jax.tree_util.tree_leaves(task_grads),
+                                        jax.tree_util.tree_leaves(grad_sq_sum), strict=True))
+
+
+def excess_mtl(robust_step_size: float = 1e-2) -> Method:
+  """ExcessMTL, robust multi-task learning with excess risks (He et al., 2024,
+  Alg. 1; official code yifei-he/ExcessMTL, ``LibMTL/weighting/ExcessMTL.py``).
+
+  Each call adds ``g_t²`` to the task's AdaGrad accumulator and estimates its excess risk
+  :func:`excess_risks`. The first call records ``e_t(0)`` and keeps ``λ = 1``; later calls take
+  one multiplicative-weights (exponentiated-gradient) step on the normalised excess risks,
+  ``λ_t ← λ_t exp(η e_t / e_t(0))``, then ``λ ← T λ / Σ λ``, and ``combined = Σ_t λ_t g_t``
+  with the new ``λ``. A task whose first excess risk is 0 (zero gradient) gets ``e_t/e_t(0) =
+  0``. Default ``robust_step_size = 1e-2`` (``η``; the ``--robust_step_size`` default of the
+  official ``config.py``). Needs ``grads_like`` at ``init``. The official code, on
+  representation gradients, first sums them over the batch axis; here the given gradients are
+  used as they are.
+  """
+  def init(num_tasks, grads_like=None):
+    if grads_like is None:
+      raise ValueError("excess_mtl: 'grads_like' (one task's gradient pytree) is required by "
+                       "init to allocate the per-task AdaGrad accumulators")
+    acc = jax.tree_util.tree_map(
+        lambda x: jnp.zeros((num_tasks,) + tuple(jnp.shape(x)), jnp.float32), grads_like)
+    return ExcessMTLState(acc, jnp.zeros((num_tasks,), jnp.float32),
+                          jnp.ones((num_tasks,), jnp.float32), jnp.zeros((), jnp.int32))
+
+  def update(task_grads, state, *, losses, key=None):
+    del losses, key
+    num_tasks = num_tasks_of(task_grads)
+    acc = jax.tree_util.tree_map(lambda h, g: h + jnp.square(g.astype(jnp.float32)),
+                                 state.grad_sq_sum, task_grads)
+    excess = excess_risks(task_grads, acc)
+    first = state.step == 0
+    initial = jnp.where(first, excess, state.initial_excess)
+    ok = initial > 0
+    ratio = jnp.where(ok, excess / jnp.where(ok, initial, 1.0), 0.0)
+    # exp of the ratio: shift by its max (cancels in the normalisation) to avoid overflow.
+    step = robust_step_size * ratio
+    stepped = state.weights * jnp.exp(step - jnp.max(step))
+    stepped = num_tasks * stepped / jnp.sum(stepped)
+    weights = jnp.where(first, state.weights, stepped)
+    combined = _cast_like(weighted_sum(task_grads, weights), task_grads)
+    return combined, ExcessMTLState(acc, initial, weights, state.step + 1), weights
+
+  return Method(init, update, "gradient")
+
+METHODS = {"gradnorm": gradnorm, "imtl": imtl, "db_mtl": db_mtl, "excess_mtl": excess_mtl}
