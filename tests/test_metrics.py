@@ -6,7 +6,8 @@ import pytest
 
 from mtjax import metrics, tasks
 
-TASKS = {n: tasks.get(n, 13) for n in ("segmentation", "depth", "normals")}
+TASKS = {"segmentation": tasks.get("segmentation", 13), "depth": tasks.get("depth"),
+         "normals": tasks.get("normals")}
 
 
 def _row(miou, pix, abs_err, rel_err, mean, med, t1, t2, t3):
