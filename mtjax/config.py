@@ -43,7 +43,7 @@ def validate(cfg, num_devices: int = 1) -> None:
   try:
     info = data.dataset_info(cfg.dataset.name)
   except ValueError as e:
-    raise ValueError(f"config.{e}") from None
+    raise ValueError(f"config.dataset.{e}") from None
   size = tuple(cfg.dataset.image_size)
   _check(len(size) == 2 and all(isinstance(s, int) and s >= 8 for s in size),
          "dataset.image_size", size, "(height, width), ints >= 8")

@@ -57,7 +57,7 @@ DATASETS = {
 
 def _spec(name):
   if name not in DATASETS:
-    raise ValueError(f"dataset.name: unknown dataset {name!r}; valid names: {sorted(DATASETS)}")
+    raise ValueError(f"name: unknown dataset {name!r}; valid names: {sorted(DATASETS)}")
   return DATASETS[name]
 
 

@@ -1,6 +1,6 @@
 """Parameter labels: which task owns a parameter, and finer groups for the optimizer.
 
-A multi-task model labels each path of its variable trees (``model.param_label(path)``) with
+A multi-task model labels each path of its variable trees (``label_of(model, path)``) with
 ``"shared"`` or a task name, optionally refined after a slash (``"shared/stage4"``). The part
 before the first slash is the parameter's *owner*: the train step differentiates the shared
 parameters per task and each task's own parameters by its loss alone; the optimizer applies
@@ -11,6 +11,12 @@ import flax.traverse_util as traverse
 import jax
 
 SHARED = "shared"
+
+
+def label_of(model, path) -> str:
+  """``label_of(model, path)``; a model that labels nothing shares every parameter."""
+  labeller = getattr(model, "param_label", None)
+  return SHARED if labeller is None else labeller(path)
 
 
 def owner(label: str) -> str:
@@ -26,14 +32,14 @@ def matches(label: str, prefix: str) -> bool:
 def label_tree(model, tree):
   """``tree`` (params, batch stats or their gradients) with each leaf replaced by its label."""
   flat = traverse.flatten_dict(dict(tree))
-  return traverse.unflatten_dict({path: model.param_label(path) for path in flat})
+  return traverse.unflatten_dict({path: label_of(model, path) for path in flat})
 
 
 def split(model, tree) -> dict:
   """``{owner: subtree}``: the leaves of ``tree`` grouped by owner, paths kept."""
   parts = {}
   for path, leaf in traverse.flatten_dict(dict(tree)).items():
-    parts.setdefault(owner(model.param_label(path)), {})[path] = leaf
+    parts.setdefault(owner(label_of(model, path)), {})[path] = leaf
   return {name: traverse.unflatten_dict(flat) for name, flat in parts.items()}
 
 
@@ -47,7 +53,7 @@ def merge(*trees) -> dict:
 
 def groups(model, tree) -> list[str]:
   """The distinct labels of ``tree``, sorted."""
-  return sorted({model.param_label(p) for p in traverse.flatten_dict(dict(tree))})
+  return sorted({label_of(model, p) for p in traverse.flatten_dict(dict(tree))})
 
 
 def in_groups(label: str, prefixes) -> bool:
@@ -65,5 +71,5 @@ def stop_gradient(model, tree, prefixes):
     return tree
   flat = traverse.flatten_dict(dict(tree))
   return traverse.unflatten_dict({
-      path: jax.lax.stop_gradient(leaf) if in_groups(model.param_label(path), prefixes) else leaf
+      path: jax.lax.stop_gradient(leaf) if in_groups(label_of(model, path), prefixes) else leaf
       for path, leaf in flat.items()})

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 LEVELS = ("loss", "gradient", "meta")
 
@@ -95,22 +96,36 @@ def combine_or_none(task_grads, weights: jax.Array):
   return None if task_grads is None else weighted_sum(task_grads, weights)
 
 
-def safe_norm(x: jax.Array, axis=-1, eps: float = 1e-12) -> jax.Array:
+# Floor for losses and loss ratios before a division or a log.
+TINY = 1e-12
+# Below any float32 Gram entry worth solving for: gradients of 1e-20 square to 0 in float32.
+GRAM_TINY = 1e-30
+
+
+def safe_sqrt(x: jax.Array) -> jax.Array:
+  """``sqrt(max(x, 0))``, exactly 0 at and below 0, with a finite gradient there."""
+  x = jnp.maximum(x, 0.0)
+  return jnp.where(x > 0, jnp.sqrt(jnp.where(x > 0, x, 1.0)), 0.0)
+
+
+def safe_div(x: jax.Array, y: jax.Array, eps: float = GRAM_TINY) -> jax.Array:
+  """``x / y`` where ``|y| > eps``, else 0 (value and gradient stay finite)."""
+  ok = jnp.abs(y) > eps
+  return jnp.where(ok, x / jnp.where(ok, y, 1.0), 0.0)
+
+
+def safe_norm(x: jax.Array, axis=-1) -> jax.Array:
   """Euclidean norm whose value and gradient stay finite at zero."""
-  sq = jnp.sum(jnp.square(x), axis=axis)
-  return jnp.where(sq > eps * eps, jnp.sqrt(jnp.where(sq > eps * eps, sq, 1.0)), 0.0)
+  return safe_sqrt(jnp.sum(jnp.square(x), axis=axis))
 
 
 def adam_step(params, grad, mu, nu, count, lr, b1=0.9, b2=0.999, eps=1e-8):
-  """One bias-corrected Adam step (Kingma & Ba, 2015), as ``torch.optim.Adam``.
+  """One step of ``optax.adam`` (Kingma & Ba, 2015; the same rule as ``torch.optim.Adam``).
 
-  For the small learnable vectors some methods keep in their state (FAMO's logits, GradNorm's
-  weights, Auto-Lambda's weights). Returns ``(params, mu, nu, count)``.
+  For the small learnable vectors some methods keep in their own NamedTuple state (FAMO's
+  logits, GradNorm's weights, Auto-Lambda's weights). Returns ``(params, mu, nu, count)``.
   """
-  count = count + 1
-  mu = b1 * mu + (1 - b1) * grad
-  nu = b2 * nu + (1 - b2) * jnp.square(grad)
-  t = count.astype(jnp.float32)
-  mu_hat = mu / (1 - b1 ** t)
-  nu_hat = nu / (1 - b2 ** t)
-  return params - lr * mu_hat / (jnp.sqrt(nu_hat) + eps), mu, nu, count
+  adam = optax.adam(lr, b1=b1, b2=b2, eps=eps)
+  updates, (state, _) = adam.update(grad, (optax.ScaleByAdamState(count, mu, nu),
+                                           optax.EmptyState()))
+  return params + updates, state.mu, state.nu, state.count

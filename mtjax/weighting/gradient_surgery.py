@@ -21,6 +21,8 @@ from mtjax.weighting.base import (
   Method,
   gram,
   num_tasks_of,
+  safe_div,
+  safe_sqrt,
   stateless_init,
   weighted_sum,
 )
@@ -33,20 +35,10 @@ def _mm(a, b):
   return jnp.matmul(a, b, precision=_HIGHEST)
 
 
-def _safe_div(num, den):
-  """``num / den`` where ``den > 0``, else 0 (value and gradient finite)."""
-  ok = den > 0
-  return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
-
-
-def _sqrt(x):
-  return jnp.sqrt(jnp.maximum(x, 0.0))
-
-
 def _scaled_gram(task_grads) -> jax.Array:
   """The Gram matrix divided by its largest diagonal entry (all zeros stay zeros)."""
   g = gram(task_grads)
-  return _safe_div(g, jnp.max(jnp.diag(g)))
+  return safe_div(g, jnp.max(jnp.diag(g)))
 
 
 def _sum_if_zero(g, weights):
@@ -88,7 +80,7 @@ def pcgrad_coefficients(g: jax.Array, orders: jax.Array) -> jax.Array:
     j = orders[:, p]
     dot = jnp.sum(c * g[:, j].T, axis=1)  # <g_i', g_j> = Σ_k C[i, k] G[k, j]
     conflict = (j != rows) & (dot < 0) & (sq_norms[j] > 0)
-    coef = jnp.where(conflict, -_safe_div(dot, sq_norms[j]), 0.0)
+    coef = jnp.where(conflict, -safe_div(dot, sq_norms[j]), 0.0)
     return c.at[rows, j].add(coef)
 
   return jax.lax.fori_loop(0, num_tasks, body, jnp.eye(num_tasks, dtype=g.dtype))
@@ -138,20 +130,20 @@ def gradvac_coefficients(g, targets, orders, beta, ema_on_adjust_only=False):
   """
   num_tasks = g.shape[0]
   rows = jnp.arange(num_tasks)
-  norms = _sqrt(jnp.diag(g))
+  norms = safe_sqrt(jnp.diag(g))
 
   def body(p, carry):
     c, phi_hat_all = carry
     j = orders[:, p]
     valid = j != rows
     dot = jnp.sum(c * g[:, j].T, axis=1)
-    norm_i = _sqrt(jnp.sum(_mm(c, g) * c, axis=1))
+    norm_i = safe_sqrt(jnp.sum(_mm(c, g) * c, axis=1))
     norm_j = norms[j]
-    phi = jnp.clip(_safe_div(dot, norm_i * norm_j), -1.0, 1.0)
+    phi = jnp.clip(safe_div(dot, norm_i * norm_j), -1.0, 1.0)
     phi_hat = phi_hat_all[rows, j]
     adjust = valid & (phi < phi_hat)
-    root_hat = _sqrt(1.0 - phi_hat**2)
-    w = _safe_div(norm_i * (phi_hat * _sqrt(1.0 - phi**2) - phi * root_hat), norm_j * root_hat)
+    root_hat = safe_sqrt(1.0 - phi_hat**2)
+    w = safe_div(norm_i * (phi_hat * safe_sqrt(1.0 - phi**2) - phi * root_hat), norm_j * root_hat)
     c = c.at[rows, j].add(jnp.where(adjust, w, 0.0))
     move = (valid & adjust) if ema_on_adjust_only else valid
     phi_hat = jnp.where(move, (1.0 - beta) * phi_hat + beta * phi, phi_hat)
@@ -224,7 +216,7 @@ def graddrop(leak: float = 0.0) -> Method:
       u = uniform[start:start + size].reshape(leaf.shape[1:])
       start += size
       g = leaf.astype(jnp.float32)
-      purity = 0.5 * (1.0 + _safe_div(jnp.sum(g, 0), jnp.sum(jnp.abs(g), 0)))
+      purity = 0.5 * (1.0 + safe_div(jnp.sum(g, 0), jnp.sum(jnp.abs(g), 0)))
       mask = ((purity > u) & (g > 0)) | ((purity < u) & (g < 0))
       out.append(jnp.sum(g * (leak + (1.0 - leak) * mask), 0).astype(leaf.dtype))
     weights = jnp.full((num_tasks,), jnp.nan, jnp.float32)
@@ -253,16 +245,16 @@ def aligned_mtl_matrix(g: jax.Array, scale_mode: str = "min") -> jax.Array:
   lam, v = jnp.linalg.eigh(g)  # ascending
   keep = lam > jnp.max(lam) * num_tasks * _EPS32
   rank = jnp.sum(keep)
-  inv_sqrt = jnp.where(keep, 1.0 / _sqrt(jnp.where(keep, lam, 1.0)), 0.0)
+  inv_sqrt = jnp.where(keep, 1.0 / safe_sqrt(jnp.where(keep, lam, 1.0)), 0.0)
   if scale_mode == "min":
     scale = jnp.min(jnp.where(keep, lam, jnp.inf))
   elif scale_mode == "median":
     index = jnp.clip(num_tasks - rank + (rank - 1) // 2, 0, num_tasks - 1)
     scale = lam[index]
   else:
-    scale = _safe_div(jnp.sum(jnp.where(keep, lam, 0.0)), rank.astype(lam.dtype))
+    scale = safe_div(jnp.sum(jnp.where(keep, lam, 0.0)), rank.astype(lam.dtype))
   scale = jnp.where(rank > 0, scale, 0.0)
-  return _sqrt(scale) * _mm(v * inv_sqrt, v.T)
+  return safe_sqrt(scale) * _mm(v * inv_sqrt, v.T)
 
 
 def aligned_mtl(scale_mode: str = "min") -> Method:
@@ -309,15 +301,15 @@ def con_fig_weights(g: jax.Array) -> jax.Array:
   ``Σ_t <g_t, ĝ>`` (the reference ``ProjectionLength``). Returns ``w`` with update ``Σ_t w_t g_t``.
   """
   num_tasks = g.shape[0]
-  norms = _sqrt(jnp.diag(g))
-  inv_norms = _safe_div(1.0, norms)
+  norms = safe_sqrt(jnp.diag(g))
+  inv_norms = safe_div(1.0, norms)
   unit_gram = g * inv_norms[:, None] * inv_norms[None, :]
   # Gram-based in float32: eigenvalues carry errors of a few T·eps, so cut above them.
   a = _mm(_pinv_psd(unit_gram, 10.0 * num_tasks * _EPS32), jnp.ones((num_tasks,), g.dtype))
   unit_dots = _mm(unit_gram, a)  # <u_t, x>
-  x_norm = _sqrt(jnp.dot(a, unit_dots, precision=_HIGHEST))
-  length = _safe_div(jnp.sum(norms * unit_dots), x_norm)  # Σ_t <g_t, x / |x|>
-  return _safe_div(length, x_norm) * a * inv_norms
+  x_norm = safe_sqrt(jnp.dot(a, unit_dots, precision=_HIGHEST))
+  length = safe_div(jnp.sum(norms * unit_dots), x_norm)  # Σ_t <g_t, x / |x|>
+  return safe_div(length, x_norm) * a * inv_norms
 
 
 def con_fig() -> Method:
@@ -399,7 +391,7 @@ def moco(beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
     if normalize:
       if losses is None:
         raise ValueError("moco: normalize=True scales each gradient by its loss; pass `losses`")
-      scale = _safe_div(jnp.asarray(losses, jnp.float32), _sqrt(_sq_norms(task_grads)))
+      scale = safe_div(jnp.asarray(losses, jnp.float32), safe_sqrt(_sq_norms(task_grads)))
     else:
       scale = jnp.ones((num_tasks,), jnp.float32)
 

@@ -11,15 +11,15 @@ import jax
 import jax.numpy as jnp
 
 from mtjax.weighting.base import (
+  TINY,
   Method,
   adam_step,
   gram,
   num_tasks_of,
+  safe_sqrt,
   stateless_init,
   weighted_sum,
 )
-
-_TINY = 1e-12
 
 
 def _task_sq_norms(task_grads) -> jax.Array:
@@ -28,12 +28,6 @@ def _task_sq_norms(task_grads) -> jax.Array:
     g = g.reshape(g.shape[0], -1).astype(jnp.float32)
     return jnp.sum(jnp.square(g), axis=1)
   return sum(leaf(g) for g in jax.tree_util.tree_leaves(task_grads))
-
-
-def _sqrt0(sq: jax.Array) -> jax.Array:
-  """``sqrt`` that is exactly 0 (with a finite gradient) at 0."""
-  pos = sq > 0
-  return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
 
 
 def _cast_like(combined, task_grads):
@@ -76,10 +70,10 @@ def gradnorm(alpha: float = 1.5, lr: float = 0.025) -> Method:
     num_tasks = losses.shape[0]
     initial = jnp.where(state.count == 0, losses, state.initial_losses)
     w = state.weights
-    norms = _sqrt0(_task_sq_norms(task_grads))
+    norms = safe_sqrt(_task_sq_norms(task_grads))
     g_norm = w * norms
-    ratio = losses / jnp.maximum(initial, _TINY)
-    inv_rate = ratio / jnp.maximum(jnp.mean(ratio), _TINY)
+    ratio = losses / jnp.maximum(initial, TINY)
+    inv_rate = ratio / jnp.maximum(jnp.mean(ratio), TINY)
     target = jnp.mean(g_norm) * inv_rate ** alpha
     grad = jnp.sign(g_norm - target) * norms
 
@@ -106,7 +100,7 @@ def imtl_weights(gram_matrix: jax.Array, rcond: float = 1e-5) -> jax.Array:
   weights are ``1/T``.
   """
   num_tasks = gram_matrix.shape[0]
-  norms = _sqrt0(jnp.diagonal(gram_matrix))
+  norms = safe_sqrt(jnp.diagonal(gram_matrix))
   valid = norms > 0
   inv_n = jnp.where(valid, 1.0 / jnp.where(valid, norms, 1.0), 0.0)
   cos = jnp.clip(gram_matrix * inv_n[:, None] * inv_n[None, :], -1.0, 1.0)
@@ -181,7 +175,7 @@ def db_mtl(beta: float = 0.9, beta_sigma: float = 0.0) -> Method:
       return g + b * (m - g)
 
     ema = jax.tree_util.tree_map(leaf_ema, state.grad_ema, task_grads)
-    norms = _sqrt0(_task_sq_norms(ema))
+    norms = safe_sqrt(_task_sq_norms(ema))
     alpha = jnp.max(norms) / (norms + 1e-8)
     combined = _cast_like(weighted_sum(ema, alpha), task_grads)
     if beta == 0:

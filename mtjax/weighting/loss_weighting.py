@@ -10,9 +10,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mtjax.weighting.base import EmptyState, Method, adam_step, combine_or_none, stateless_init
-
-_TINY = 1e-12
+from mtjax.weighting.base import (
+  TINY,
+  EmptyState,
+  Method,
+  adam_step,
+  combine_or_none,
+  stateless_init,
+)
 
 
 def ew() -> Method:
@@ -112,7 +117,7 @@ def dwa(temperature: float = 2.0, period: int = 1) -> Method:
     losses = jnp.asarray(losses, jnp.float32)
     num_tasks = losses.shape[0]
     older, newer = state.history[0], state.history[1]
-    ratio = newer / jnp.maximum(older, _TINY)
+    ratio = newer / jnp.maximum(older, TINY)
     dynamic = num_tasks * jax.nn.softmax(ratio / temperature)
     weights = jnp.where(state.num_records >= 2, dynamic, jnp.ones_like(losses))
 

@@ -15,20 +15,18 @@ import jax.numpy as jnp
 
 from mtjax.weighting import solvers
 from mtjax.weighting.base import (
+  GRAM_TINY,
   EmptyState,
   Method,
   gram,
   num_tasks_of,
+  safe_div,
+  safe_sqrt,
   stateless_init,
   weighted_sum,
 )
 
 MGDA_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
-
-
-def _safe_sqrt(x):
-  x = jnp.maximum(x, 0.0)
-  return jnp.where(x > 0, jnp.sqrt(jnp.where(x > 0, x, 1.0)), 0.0)
 
 
 def mgda(normalization: str = "none", num_iters: int = 100) -> Method:
@@ -50,10 +48,10 @@ def mgda(normalization: str = "none", num_iters: int = 100) -> Method:
     del key
     g = gram(task_grads)
     losses = jnp.asarray(losses, jnp.float32)
-    norms = _safe_sqrt(jnp.diag(g))
+    norms = safe_sqrt(jnp.diag(g))
     n = {"none": jnp.ones_like(losses), "l2": norms, "loss": losses,
          "loss+": losses * norms}[normalization]
-    inv = solvers.safe_div(1.0, n)
+    inv = safe_div(1.0, n)
     weights = solvers.min_norm_weights(g * inv[:, None] * inv[None, :], num_iters)
     return weighted_sum(task_grads, weights), state, weights
 
@@ -72,16 +70,16 @@ def cagrad_weights(g: jax.Array, c: float, num_iters: int = 20,
   """
   g = solvers.symmetrize(g)
   t = g.shape[0]
-  g = g * solvers.safe_div(float(t), jnp.trace(g))
+  g = g * safe_div(float(t), jnp.trace(g))
   u = jnp.full((t,), 1.0 / t, jnp.float32)
   lin = g @ u
-  cn = c * _safe_sqrt(u @ lin)
+  cn = c * safe_sqrt(u @ lin)
 
   def objective(w):
-    return w @ lin + cn * _safe_sqrt(w @ g @ w)
+    return w @ lin + cn * safe_sqrt(w @ g @ w)
 
   def body(_, w):
-    s = jnp.maximum(_safe_sqrt(w @ g @ w), 1e-6)
+    s = jnp.maximum(safe_sqrt(w @ g @ w), 1e-6)
     w_new = solvers.simplex_qp((cn / s) * g, lin, inner_iters, w0=w)
     return jnp.where(objective(w_new) <= objective(w), w_new, w)
 
@@ -110,9 +108,9 @@ def cagrad(c: float = 0.4, rescale: int = 1, num_iters: int = 20) -> Method:
     t = g.shape[0]
     u = jnp.full((t,), 1.0 / t, jnp.float32)
     w = cagrad_weights(g, c, num_iters)
-    g0_norm = _safe_sqrt(u @ g @ u)
-    gw_norm = _safe_sqrt(w @ g @ w)
-    lam = c * solvers.safe_div(g0_norm, gw_norm)
+    g0_norm = safe_sqrt(u @ g @ u)
+    gw_norm = safe_sqrt(w @ g @ w)
+    lam = c * safe_div(g0_norm, gw_norm)
     weights = u + lam * w
     weights = weights / {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
     return weighted_sum(task_grads, weights), state, weights
@@ -139,14 +137,14 @@ def nash_alpha(g: jax.Array, alpha0: jax.Array, num_iters: int = 20,
   """
   g = solvers.symmetrize(g)
   t = g.shape[0]
-  g = g * solvers.safe_div(1.0, jnp.sqrt(jnp.sum(g * g))) + ridge * jnp.eye(t)
+  g = g * safe_div(1.0, jnp.sqrt(jnp.sum(g * g))) + ridge * jnp.eye(t)
   alpha0 = jnp.where(jnp.isfinite(alpha0) & (alpha0 > 0), alpha0, 1.0)
 
   def body(_, a):
     grad = g @ a - 1.0 / a
     hess = g + jnp.diag(1.0 / (a * a))
     delta = jnp.linalg.solve(hess, grad)
-    lam = _safe_sqrt(grad @ delta)
+    lam = safe_sqrt(grad @ delta)
     a_new = a - delta / (1.0 + lam)
     ok = jnp.all(jnp.isfinite(a_new) & (a_new > 0))
     return jnp.where(ok, a_new, a)
@@ -181,8 +179,8 @@ def nash_mtl(max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: 
     alpha = jnp.where(state.step % update_weights_every == 0, fresh, state.alpha)
     weights = alpha
     if max_norm > 0:
-      norm = _safe_sqrt(alpha @ solvers.symmetrize(g) @ alpha)
-      weights = alpha * jnp.where(norm > max_norm, solvers.safe_div(max_norm, norm), 1.0)
+      norm = safe_sqrt(alpha @ solvers.symmetrize(g) @ alpha)
+      weights = alpha * jnp.where(norm > max_norm, safe_div(max_norm, norm), 1.0)
     return weighted_sum(task_grads, weights), NashMTLState(alpha, state.step + 1), weights
 
   return Method(init, update, "gradient")
@@ -193,7 +191,7 @@ def _dual_cone_gram(g, norm_eps, reg_eps):
   ``tr(G) < norm_eps``) plus ``reg_eps · I``."""
   g = solvers.symmetrize(g)
   tr = jnp.trace(g)
-  g = jnp.where(tr >= norm_eps, g * solvers.safe_div(1.0, tr), 0.0)
+  g = jnp.where(tr >= norm_eps, g * safe_div(1.0, tr), 0.0)
   return g + reg_eps * jnp.eye(g.shape[0])
 
 
@@ -268,8 +266,8 @@ def _clip_weights(weights, g, max_norm):
   ``max_norm <= 0``)."""
   if max_norm <= 0:
     return weights
-  norm = _safe_sqrt(weights @ solvers.symmetrize(g) @ weights)
-  return weights * jnp.where(norm > max_norm, solvers.safe_div(max_norm, norm), 1.0)
+  norm = safe_sqrt(weights @ solvers.symmetrize(g) @ weights)
+  return weights * jnp.where(norm > max_norm, safe_div(max_norm, norm), 1.0)
 
 
 def fairgrad_weights(g: jax.Array, alpha: float, num_iters: int = 30,
@@ -293,7 +291,7 @@ def fairgrad_weights(g: jax.Array, alpha: float, num_iters: int = 30,
   g = solvers.symmetrize(g)
   t = g.shape[0]
   s = jnp.trace(g) / t
-  gn = g * solvers.safe_div(1.0, s) + ridge * jnp.eye(t)
+  gn = g * safe_div(1.0, s) + ridge * jnp.eye(t)
   inv_alpha = 1.0 / alpha
 
   def residual(v):
@@ -314,7 +312,7 @@ def fairgrad_weights(g: jax.Array, alpha: float, num_iters: int = 30,
     return jnp.where(jnp.any(ok), cands[best], v)
 
   v = jax.lax.fori_loop(0, num_iters, body, jnp.zeros((t,), jnp.float32))
-  scale = jnp.where(s > solvers._TINY, jnp.abs(s) ** (-alpha / (alpha + 1.0)), 1.0)
+  scale = jnp.where(s > GRAM_TINY, jnp.abs(s) ** (-alpha / (alpha + 1.0)), 1.0)
   return jnp.exp(v) * scale
 
 
@@ -350,7 +348,7 @@ def sdmgrad_weights(g: jax.Array, lamda: float, num_iters: int = 100) -> jax.Arr
   (the minimiser does not depend on the scale)."""
   g = solvers.symmetrize(g)
   t = g.shape[0]
-  g = g * solvers.safe_div(float(t), jnp.trace(g))
+  g = g * safe_div(float(t), jnp.trace(g))
   u = jnp.full((t,), 1.0 / t, jnp.float32)
   return solvers.simplex_qp(g, lamda * (g @ u), num_iters)
 

@@ -15,20 +15,16 @@ it is feasible and no worse (so the polish can never make a result worse).
 
 import jax
 import jax.numpy as jnp
+import optax
 
-_TINY = 1e-30  # below any float32 Gram entry worth solving for (1e-20 gradients square to 0)
+from mtjax.weighting.base import GRAM_TINY as _TINY
+from mtjax.weighting.base import safe_div
 
 
 def symmetrize(g: jax.Array) -> jax.Array:
   """``(G + G^T) / 2`` in float32: removes the asymmetry of a Gram matrix summed leaf by leaf."""
   g = jnp.asarray(g, jnp.float32)
   return 0.5 * (g + g.T)
-
-
-def safe_div(x: jax.Array, y: jax.Array, eps: float = _TINY) -> jax.Array:
-  """``x / y`` where ``|y| > eps``, else 0 (value and gradient stay finite)."""
-  ok = jnp.abs(y) > eps
-  return jnp.where(ok, x / jnp.where(ok, y, 1.0), 0.0)
 
 
 def lipschitz_bound(q: jax.Array) -> jax.Array:
@@ -38,21 +34,11 @@ def lipschitz_bound(q: jax.Array) -> jax.Array:
 
 
 def project_simplex(y: jax.Array) -> jax.Array:
-  """Euclidean projection of ``y`` onto ``{w : w >= 0, Σ w = 1}`` (exact, by sorting).
+  """Euclidean projection of ``y`` onto ``{w : w >= 0, Σ w = 1}`` (exact, by sorting; optax's).
 
-  Held, Wolfe & Crowder (1974); Duchi et al. (2008), Fig. 1:
-  ``w = max(y - θ, 0)`` with ``θ = (Σ_{i <= ρ} u_i - 1) / ρ`` for the sorted ``u`` and the
-  largest ``ρ`` with ``u_ρ > (Σ_{i <= ρ} u_i - 1) / ρ``.
+  Held, Wolfe & Crowder (1974); Duchi et al. (2008), Fig. 1.
   """
-  y = jnp.asarray(y, jnp.float32)
-  n = y.shape[-1]
-  u = jnp.sort(y)[::-1]
-  css = jnp.cumsum(u) - 1.0
-  k = jnp.arange(1, n + 1, dtype=jnp.float32)
-  cond = u - css / k > 0
-  rho = jnp.max(jnp.where(cond, k, 1.0))
-  theta = jnp.sum(jnp.where(k == rho, css, 0.0)) / rho
-  return jnp.maximum(y - theta, 0.0)
+  return optax.projections.projection_simplex(jnp.asarray(y, jnp.float32))
 
 
 def min_norm_2(g11, g12, g22):

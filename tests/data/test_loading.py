@@ -96,5 +96,5 @@ def test_dataset_info():
   assert info["tasks"]["classification"] == {"num_classes": 4}
   assert info["tasks"]["depth"] == {}
   assert info["splits"] == ("train", "validation", "test")
-  with pytest.raises(ValueError, match=r"dataset.name: unknown dataset 'nyu'"):
+  with pytest.raises(ValueError, match=r"name: unknown dataset 'nyu'"):
     dataset_info("nyu")

@@ -156,6 +156,7 @@ def test_check_batch_names_the_key_and_the_shape():
   batch["segmentation"] = np.zeros((2, 6, 6))
   with pytest.raises(ValueError, match=r"batch\['segmentation'\].*\(2, 6, 6\).*\(2, 6, 7\)"):
     tasks.check_batch(spec, batch, (6, 7), 2)
+  batch["segmentation"] = np.zeros((2, 6, 7))
   del batch["depth_valid"]
   with pytest.raises(ValueError, match="batch: missing 'depth_valid'"):
     tasks.check_batch(spec, batch, (6, 7), 2)
