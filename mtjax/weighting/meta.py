@@ -1,16 +1,37 @@
-"""Meta-level weighting: task weights learned by a meta-gradient through a lookahead step.
+"""Meta-level weighting: task weights learned from a meta (upper-level) objective.
 
-A meta-level method's state carries ``weights`` (the current task weights λ) and ``primary``
-(a (T,) mask of the tasks whose loss is the meta objective); its ``update`` takes the
-meta-gradient ``∂ meta_loss / ∂λ`` as ``task_grads``. :mod:`mtjax.train.meta` computes it.
+Each method's :class:`~mtjax.weighting.base.MetaSpec` (``method.meta``) says what it learns
+(``learned(state)``), how that gives the task weights of the lower-level step
+(``weights(learned, state, losses)``) and its upper-level objective on the meta batch's task
+losses; :mod:`mtjax.train.meta` computes the meta information (an exact meta-gradient through a
+lookahead step, or first-order value-function quantities) and passes it to ``update`` as
+``task_grads``. ``update`` is called with the train batch's ``losses`` and returns the new
+weights (``combined = None``: the model's gradient is ``∇ Σ_t w_t L_t``) or, for FORUM, a
+:class:`~mtjax.weighting.base.MetaDirection`. Called with ``task_grads=None``, ``update``
+returns the current weights unchanged.
 """
 
 from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from mtjax.weighting.base import Method, adam_step
+from mtjax.weighting.base import MetaSpec, Method, adam_step
 
+
+def _primary_mask(name, primary_tasks, num_tasks):
+  if primary_tasks is not None and not all(0 <= i < num_tasks for i in primary_tasks):
+    raise ValueError(f"{name}: 'primary_tasks' {primary_tasks} are not task indices "
+                     f"in [0, {num_tasks})")
+  zeros = jnp.zeros((num_tasks,), jnp.float32)
+  return (jnp.ones_like(zeros) if primary_tasks is None
+          else zeros.at[jnp.asarray(primary_tasks)].set(1.0))
+
+
+def _primary_objective(state, meta_losses):
+  return jnp.sum(state.primary * meta_losses)
+
+
+# --- Auto-Lambda -----------------------------------------------------------------------------
 
 class AutoLambdaState(NamedTuple):
   weights: jnp.ndarray
@@ -20,13 +41,18 @@ class AutoLambdaState(NamedTuple):
   count: jnp.ndarray
 
 
+AUTO_LAMBDA_SPEC = MetaSpec(learned=lambda state: state.weights,
+                            weights=lambda learned, state, losses: learned,
+                            objective=_primary_objective)
+
+
 def auto_lambda(weight_init=0.1, meta_lr=1e-4, primary_tasks=None) -> Method:
   """Auto-Lambda (Liu, Johns & Davison, 2022): weights λ that minimise the meta loss.
 
   The meta loss is ``Σ_{i ∈ primary} L_i(θ'; meta batch)`` after one lookahead step
   ``θ' = θ − α ∇_θ Σ_t λ_t L_t(θ; train batch)`` (Eq. 3 of the paper); its gradient with
   respect to λ is computed exactly, second-order terms included, by
-  :func:`mtjax.train.meta.make_meta_train_step` (the paper's code approximates it by finite
+  :func:`mtjax.train.meta.meta_gradient` (the paper's code approximates it by finite
   differences). ``update`` takes that gradient as ``task_grads`` (shape ``(T,)``) and applies
   one Adam step to λ (``meta_lr=1e-4``, ``weight_init=0.1`` as in the official code); the
   returned weights then scale the task losses of the ordinary update. ``primary_tasks``: the
@@ -35,12 +61,8 @@ def auto_lambda(weight_init=0.1, meta_lr=1e-4, primary_tasks=None) -> Method:
   """
   def init(num_tasks, grads_like=None):
     del grads_like
-    if primary_tasks is not None and not all(0 <= i < num_tasks for i in primary_tasks):
-      raise ValueError(f"auto_lambda: 'primary_tasks' {primary_tasks} are not task indices "
-                       f"in [0, {num_tasks})")
+    primary = _primary_mask("auto_lambda", primary_tasks, num_tasks)
     zeros = jnp.zeros((num_tasks,), jnp.float32)
-    primary = (jnp.ones_like(zeros) if primary_tasks is None
-               else zeros.at[jnp.asarray(primary_tasks)].set(1.0))
     return AutoLambdaState(jnp.full((num_tasks,), weight_init, jnp.float32), primary, zeros,
                            zeros, jnp.zeros((), jnp.int32))
 
@@ -53,7 +75,7 @@ def auto_lambda(weight_init=0.1, meta_lr=1e-4, primary_tasks=None) -> Method:
                                        state.count, meta_lr)
     return None, AutoLambdaState(weights, state.primary, mu, nu, count), weights
 
-  return Method(init, update, "meta")
+  return Method(init, update, "meta", AUTO_LAMBDA_SPEC)
 
 
 METHODS = {"auto_lambda": auto_lambda}
