@@ -75,7 +75,7 @@ def _tree_dot(a, b):
 
 
 def value_function_info(model, tasks, state: TrainState, terms, batch, meta_batch, lookahead_lr,
-                        frozen=(), spec: MetaSpec | None = None):
+                        spec: MetaSpec, frozen=()):
   """``(ValueFunctionInfo, meta-batch terms)`` of one step (see :class:`ValueFunctionInfo`).
 
   ``terms``: :func:`task_terms` of ``batch`` at the current parameters. The lower-level
@@ -134,7 +134,7 @@ def meta_step(model, tasks, method, state: TrainState, terms, batch, meta_batch,
     info = meta_gradient(model, tasks, state, batch, meta_batch, lookahead_lr, frozen, spec)
   elif spec.kind == "value_function":
     info, meta_terms = value_function_info(model, tasks, state, terms, batch, meta_batch,
-                                           lookahead_lr, frozen, spec)
+                                           lookahead_lr, spec, frozen)
   else:
     raise ValueError(f"meta kind {spec.kind!r}; expected 'lookahead' or 'value_function'")
   combined, wstate, weights = method.update(info, state.weighting_state, losses=terms.losses,

@@ -215,7 +215,7 @@ _MOML_NORMALIZATIONS = ("none", "l2")
 
 
 def moml(outer_lr=1e-3, inner_lr=0.1, normalization="l2", num_iters=100) -> Method:
-  """MOML, multi-objective meta learning (Ye, Lin, Yue, Guo, Xiao & Zhang, NeurIPS 2021).
+  """MOML, multi-objective meta learning (Ye et al., NeurIPS 2021).
 
   Bilevel: the lower level is ``ω*(α) = argmin_ω Σ_t softmax(α)_t L_t(ω; train batch)``,
   approximated by one SGD step of rate ``inner_lr`` from the current parameters; the upper
@@ -231,11 +231,12 @@ def moml(outer_lr=1e-3, inner_lr=0.1, normalization="l2", num_iters=100) -> Meth
   Follows LibMTL's ``Trainer.bacth_forward_MOML`` (``LibMTL/trainer.py``, one inner step, as it
   asserts), whose hypergradient ``−η ∇F_i(ω')ᵀ ∇_ω L(ω)ᵀ J_softmax(α)`` is the same exact
   quantity for one inner step, here by automatic differentiation. Defaults from LibMTL's
-  ``config.py``: ``outer_lr = 1e-3`` (Adam on α), ``inner_lr = 0.1``; α starts at the constant
-  ``1/T``. Differences: the meta batch comes from ``config.meta_split`` (LibMTL draws the inner
-  and outer batches as two half-size train batches and updates the model on a third, full
-  batch; here the model update uses the train batch of the lookahead); an all-zero row is left
-  at zero instead of dividing by its zero norm.
+  ``config.py``: ``outer_lr = 1e-3`` (Adam on α), ``inner_lr = 0.1`` (``None``: the optimizer's
+  current rate, as Auto-Lambda); α starts at the constant ``1/T``. Differences: the meta batch
+  comes from ``config.meta_split`` (LibMTL draws the inner and outer batches as two half-size
+  train batches and updates the model on a third, full batch; here the model update uses the
+  train batch of the lookahead); an all-zero row is left at zero instead of dividing by its
+  zero norm.
   """
   if normalization not in _MOML_NORMALIZATIONS:
     raise ValueError(f"moml: normalization={normalization!r}; allowed: {_MOML_NORMALIZATIONS}")
@@ -322,10 +323,11 @@ def forum(outer_lr=1e-3, inner_lr=0.1, inner_steps=5, phi=0.1, ema_period=1,
 
   First-order by design, as the paper: no derivative through the inner steps. Follows LibMTL's
   ``Trainer.bacth_forward_FORUM`` (``LibMTL/trainer.py``); defaults from its ``config.py``:
-  ``FORUM_phi = 0.1``, ``inner_lr = 0.1``, ``inner_step = 5``, ``outer_lr = 1e-3`` (Adam on α,
-  which starts at the constant ``1/T``). Differences: LibMTL indexes ``β`` by the *epoch*
-  (``ema_period`` = the steps per epoch reproduces it; the default 1 indexes it by step, as the
-  iteration counter of the paper's analysis); its QP goes to cvxpy, this one to
+  ``FORUM_phi = 0.1``, ``inner_lr = 0.1`` (``None``: the optimizer's current rate),
+  ``inner_step = 5``, ``outer_lr = 1e-3`` (Adam on α, which starts at the constant ``1/T``).
+  Differences: LibMTL indexes ``β`` by the *epoch* (``ema_period`` = the steps per epoch
+  reproduces it; the default 1 indexes it by train step, this library's choice, as a method
+  does not see epochs); its QP goes to cvxpy, this one to
   :func:`forum_qp`; an all-zero ``∇_ω F_t`` gets ``ĝ_t = 0`` instead of a division by zero; the
   meta batch comes from ``config.meta_split`` (LibMTL: a second half-size train batch).
   """

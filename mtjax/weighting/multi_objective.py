@@ -394,7 +394,7 @@ class ModoState(NamedTuple):
 
 def modo_lambda_step(cross_gram: jax.Array, lam: jax.Array, gamma: float,
                      rho: float) -> jax.Array:
-  """MoDo's λ update (Chen, Fu, Xu & Chen, 2023, Algorithm 1):
+  """MoDo's λ update (Chen et al., 2023; LibMTL's ``MoDo.backward``):
   ``λ ← Π_Δ(λ − γ (∇F(x; z₁)ᵀ ∇F(x; z₂) λ + ρ λ))``, with ``cross_gram[i, j] = <g_i(z₁),
   g_j(z₂)>`` the ``(T, T)`` products of two independent samples' task gradients (one sample:
   the Gram matrix) and ``Π_Δ`` the Euclidean projection onto the simplex."""
@@ -404,7 +404,7 @@ def modo_lambda_step(cross_gram: jax.Array, lam: jax.Array, gamma: float,
 
 
 def modo(gamma: float = 1e-3, rho: float = 0.1) -> Method:
-  """MoDo, multi-objective gradient with double sampling (Chen, Fu, Xu & Chen, NeurIPS 2023,
+  """MoDo, multi-objective gradient with double sampling (Chen et al., NeurIPS 2023,
   "Three-way trade-off in multi-objective learning"): one projected stochastic-gradient step on
   MGDA's regularised min-norm problem ``min_{λ ∈ Δ} ½|Σ_t λ_t g_t|² + (ρ/2)|λ|²`` per train step
   (:func:`modo_lambda_step`), then the model moves along ``d = Σ_t λ_t g_t`` with the *new* λ.
@@ -417,13 +417,14 @@ def modo(gamma: float = 1e-3, rho: float = 0.1) -> Method:
   Defaults ``gamma = 1e-3``, ``rho = 0.1``: LibMTL's ``MoDo_gamma``/``MoDo_rho``
   (``LibMTL/config.py``; the method is ``LibMTL/weighting/MoDo.py``); the authors' own
   repository heshandevaka/Trade-Off-MOL has ``gamma_modo = 0.1``, ``rho_modo = 0.0`` in its
-  argument parser. Deviation: the paper (and LibMTL) draws three independent mini-batches per
-  step, two for the λ update (``∇F(z₁)ᵀ ∇F(z₂)``, which makes it an unbiased estimate of
-  ``∇F ᵀ ∇F``) and a third for the model update (LibMTL averages the task heads' gradients over
-  the three). The train step here computes one batch's task gradients, so all three are that
-  batch: the single-sample variant, whose λ step uses the Gram matrix ``G`` (a biased estimate
-  of the population Gram matrix). A caller with two samples' gradients can call
-  :func:`modo_lambda_step` with their cross products.
+  argument parser. Deviation: LibMTL draws three independent mini-batches per step, two for the
+  λ update (``∇F(z₁)ᵀ ∇F(z₂)``: the double sampling that makes it an unbiased estimate of
+  ``∇Fᵀ ∇F``) and a third for the model update (the task heads get their gradients averaged
+  over the three); the authors' repository (the version read) draws two and moves the model
+  along the sum of both samples' ``Σ_t λ_t g_t``. The train step here computes one batch's task
+  gradients, so all the samples are that batch: the single-sample variant, whose λ step uses
+  the Gram matrix ``G`` (a biased estimate of the population Gram matrix). A caller with two
+  samples' gradients can call :func:`modo_lambda_step` with their cross products.
   """
   if gamma < 0 or rho < 0:
     raise ValueError(f"modo: gamma={gamma!r} and rho={rho!r} must be >= 0")

@@ -46,7 +46,7 @@ def test_value_function_information_matches_float64():
   def info_of(state):
     terms = task_terms(p.model, p.tasks, state.params, {}, p.batch)
     return meta_lib.value_function_info(p.model, p.tasks, state, terms, p.batch, p.meta_batch,
-                                         None, spec=method.meta)[0]
+                                         None, method.meta)[0]
 
   info = jax.jit(info_of)(state)
   theta, s = linear_meta.theta(p), _softmax(logits)
@@ -125,7 +125,7 @@ def test_meta_step_assembles_the_model_gradient():
   def run(state):
     terms = task_terms(p.model, p.tasks, state.params, {}, p.batch)
     info, _ = meta_lib.value_function_info(p.model, p.tasks, state, terms, p.batch,
-                                           p.meta_batch, None, spec=method.meta)
+                                           p.meta_batch, None, method.meta)
     direction = method.update(info, state.weighting_state, losses=terms.losses, key=None)[0]
     grads, wstate, weights, metrics = meta_lib.meta_step(p.model, p.tasks, method, state, terms,
                                                          p.batch, p.meta_batch, None, None)
