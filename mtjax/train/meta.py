@@ -1,11 +1,23 @@
-"""The meta-gradient of meta-level methods (Auto-Lambda): a lookahead step, differentiated exactly.
+"""The meta information of meta-level methods, and their step.
 
-The meta-gradient of the primary tasks' loss on a meta batch, after one virtual optimizer step
-on the train batch with weights λ, is taken with respect to λ by ``jax.grad`` through the whole
-lookahead (second-order terms included; no finite differences, no model copies). The train
-step (:func:`mtjax.train.trainer.make_trainer`) then lets the method update λ and makes the
-ordinary update with ``TaskTerms.combine(λ)``. Both passes use the one forward path,
-:func:`mtjax.train.step.task_terms`.
+A meta-level method states what it learns in its :class:`mtjax.weighting.base.MetaSpec`:
+the upper-level variables ``learned(state)``, the lower-level task weights
+``weights(learned, state, losses)`` and the upper-level ``objective(state, meta_losses)``.
+This module computes what the spec's ``kind`` asks for:
+
+* ``"lookahead"`` (Auto-Lambda, weight_net, MOML): :func:`meta_gradient`, the derivative of the
+  objective on a meta batch after one virtual SGD step on the train batch with respect to
+  ``learned``, by ``jax.jacrev`` through the whole lookahead (second-order terms included; no
+  finite differences, no model copies). A vector objective gives one meta-gradient per entry.
+* ``"value_function"`` (FORUM): :func:`value_function_info`, first-order quantities of the
+  value-function reformulation (train losses before and after ``inner_steps`` virtual SGD
+  steps, the Gram matrix of the meta batch's per-task gradients, their products with the
+  train-batch gradient); no derivative through the lookahead.
+
+:func:`meta_step` (called by the trainer's meta branch) hands that to ``method.update`` and
+turns its result into the model's gradient: ``∇ Σ_t w_t L_t`` on the train batch, or a
+:class:`~mtjax.weighting.base.MetaDirection`'s combination of train and meta batch gradients.
+Every pass uses the one forward path, :func:`mtjax.train.step.task_terms`.
 """
 
 import jax
@@ -13,6 +25,12 @@ import jax.numpy as jnp
 
 from mtjax.train.state import TrainState
 from mtjax.train.step import task_terms
+from mtjax.weighting.base import MetaSpec, ValueFunctionInfo, gram
+from mtjax.weighting.meta import AUTO_LAMBDA_SPEC
+
+# LibMTL stops FORUM's inner loop once the lower-level loss exceeds this ("caused by too large
+# inner_lr and inner_step").
+_INNER_LOSS_LIMIT = 1e5
 
 
 def task_losses(model, tasks, params, batch_stats, batch):
@@ -20,19 +38,122 @@ def task_losses(model, tasks, params, batch_stats, batch):
   return task_terms(model, tasks, params, batch_stats, batch).losses
 
 
-def meta_gradient(model, tasks, state: TrainState, batch, meta_batch, lookahead_lr, frozen=()):
-  """``∂/∂λ Σ_i primary_i L_i(θ'; meta_batch)`` with ``θ' = θ − α ∇_θ Σ_t λ_t L_t(θ; batch)``.
+def _lr(spec: MetaSpec, lookahead_lr):
+  return lookahead_lr if spec.lookahead_lr is None else spec.lookahead_lr
 
-  The virtual step is plain gradient descent with the current learning rate α, as in the
-  official Auto-Lambda code (it adds SGD's momentum buffer when there is one; differentiating
-  through Adam's ``sqrt`` of a zero second moment would give NaN). ``frozen`` groups do not
-  move in the lookahead.
+
+def meta_gradient(model, tasks, state: TrainState, batch, meta_batch, lookahead_lr, frozen=(),
+                  spec: MetaSpec | None = None):
+  """``∂/∂ℓ objective(L(θ'; meta_batch))`` with ``θ' = θ − α ∇_θ Σ_t w_t(ℓ) L_t(θ; batch)``.
+
+  ``ℓ = spec.learned(state.weighting_state)``, ``w = spec.weights(ℓ, ·, L(θ; batch))``; the
+  default spec is Auto-Lambda's (``ℓ = λ = w``, objective ``Σ_i primary_i L_i``). The result
+  has ``ℓ``'s structure, with a leading axis ``K`` when the objective returns ``(K,)``.
+  The virtual step is plain gradient descent with ``spec.lookahead_lr`` or else
+  ``lookahead_lr`` (the trainer passes the optimizer's current rate, as the official
+  Auto-Lambda code; it adds SGD's momentum buffer when there is one; differentiating through
+  Adam's ``sqrt`` of a zero second moment would give NaN). ``frozen`` groups do not move.
   """
-  def meta_loss(weights):
-    grads = task_terms(model, tasks, state.params, state.batch_stats, batch,
-                       frozen=frozen).combine(weights)
-    lookahead = jax.tree_util.tree_map(lambda p, g: p - lookahead_lr * g, state.params, grads)
-    losses = task_losses(model, tasks, lookahead, state.batch_stats, meta_batch)
-    return jnp.sum(state.weighting_state.primary * losses)
+  spec = AUTO_LAMBDA_SPEC if spec is None else spec
+  wstate = state.weighting_state
+  alpha = _lr(spec, lookahead_lr)
 
-  return jax.grad(meta_loss)(state.weighting_state.weights)
+  def objective(learned):
+    terms = task_terms(model, tasks, state.params, state.batch_stats, batch, frozen=frozen)
+    weights = spec.weights(learned, wstate, jax.lax.stop_gradient(terms.losses))
+    grads = terms.combine(weights)
+    lookahead = jax.tree_util.tree_map(lambda p, g: p - alpha * g, state.params, grads)
+    losses = task_losses(model, tasks, lookahead, state.batch_stats, meta_batch)
+    return spec.objective(wstate, losses)
+
+  return jax.jacrev(objective)(spec.learned(wstate))
+
+
+def _tree_dot(a, b):
+  leaves = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+  return sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)) for x, y in leaves)
+
+
+def value_function_info(model, tasks, state: TrainState, terms, batch, meta_batch, lookahead_lr,
+                        spec: MetaSpec, frozen=()):
+  """``(ValueFunctionInfo, meta-batch terms)`` of one step (see :class:`ValueFunctionInfo`).
+
+  ``terms``: :func:`task_terms` of ``batch`` at the current parameters. The lower-level
+  gradient ``∇_ω f = terms.combine(w)``; ``spec.inner_steps`` SGD steps of rate
+  ``spec.lookahead_lr`` (else ``lookahead_lr``) on ``f(α, ·)`` with ``w`` fixed, stopping (as
+  LibMTL) once ``f`` exceeds 1e5; the meta batch's per-task gradients of every parameter come
+  from one ``jax.vmap`` of its ``combine`` over one-hot weights.
+  """
+  wstate = state.weighting_state
+  alpha = _lr(spec, lookahead_lr)
+  weights = jax.lax.stop_gradient(spec.weights(spec.learned(wstate), wstate, terms.losses))
+  inner_grad = terms.combine(weights)
+
+  def sgd(params, grads, stop):
+    return jax.tree_util.tree_map(lambda p, g: jnp.where(stop, p, p - alpha * g), params, grads)
+
+  stop = jnp.sum(weights * terms.losses) > _INNER_LOSS_LIMIT
+  params = sgd(state.params, inner_grad, stop)
+
+  def body(_, carry):
+    params, stop = carry
+    inner = task_terms(model, tasks, params, state.batch_stats, batch, frozen=frozen)
+    stop = stop | (jnp.sum(weights * inner.losses) > _INNER_LOSS_LIMIT)
+    return sgd(params, inner.combine(weights), stop), stop
+
+  params, _ = jax.lax.fori_loop(0, spec.inner_steps - 1, body, (params, stop))
+  inner_losses = task_losses(model, tasks, params, state.batch_stats, batch)
+
+  meta_terms = task_terms(model, tasks, state.params, state.batch_stats, meta_batch,
+                          frozen=frozen)
+  num_tasks = meta_terms.losses.shape[0]
+  per_task = jax.vmap(meta_terms.combine)(jnp.eye(num_tasks, dtype=meta_terms.losses.dtype))
+  cross = jax.vmap(lambda g: _tree_dot(g, inner_grad))(per_task)
+  info = ValueFunctionInfo(
+      losses=jnp.asarray(terms.losses, jnp.float32),
+      inner_losses=jnp.asarray(inner_losses, jnp.float32),
+      meta_gram=gram(per_task), cross=cross, inner_sq=_tree_dot(inner_grad, inner_grad))
+  return info, meta_terms
+
+
+def meta_step(model, tasks, method, state: TrainState, terms, batch, meta_batch, lookahead_lr,
+              key, frozen=()):
+  """One meta-level step's ``(grads, weighting state, weights, metrics)``.
+
+  ``terms``: :func:`task_terms` of ``batch`` at the current parameters (their losses are
+  ``update``'s ``losses``). ``update`` gets :func:`meta_gradient` or
+  :func:`value_function_info` as ``task_grads``; the model's gradient is
+  ``terms.combine(weights)``, or for a returned :class:`MetaDirection` the sum of the train and
+  meta batch combinations (weights and coefficients are constants: no gradient flows into them).
+  ``metrics``: ``meta_grad/<task>`` when the meta-gradient is a ``(T,)`` vector (Auto-Lambda),
+  else its norm ``meta_grad_norm`` (none for a value-function method).
+  """
+  spec = AUTO_LAMBDA_SPEC if method.meta is None else method.meta
+  meta_terms = None
+  if spec.kind == "lookahead":
+    info = meta_gradient(model, tasks, state, batch, meta_batch, lookahead_lr, frozen, spec)
+  elif spec.kind == "value_function":
+    info, meta_terms = value_function_info(model, tasks, state, terms, batch, meta_batch,
+                                           lookahead_lr, spec, frozen)
+  else:
+    raise ValueError(f"meta kind {spec.kind!r}; expected 'lookahead' or 'value_function'")
+  combined, wstate, weights = method.update(info, state.weighting_state, losses=terms.losses,
+                                            key=key)
+  if combined is None:
+    grads = terms.combine(jax.lax.stop_gradient(weights))
+  else:
+    grads = terms.combine(jax.lax.stop_gradient(combined.train))
+    if meta_terms is None:
+      meta_terms = task_terms(model, tasks, state.params, state.batch_stats, meta_batch,
+                              frozen=frozen)
+    meta_grads = meta_terms.combine(jax.lax.stop_gradient(combined.meta))
+    grads = jax.tree_util.tree_map(jnp.add, grads, meta_grads)
+  names = tuple(tasks)
+  if isinstance(info, jax.Array) and info.shape == (len(names),):
+    metrics = {f"meta_grad/{name}": info[i] for i, name in enumerate(names)}
+  elif isinstance(info, ValueFunctionInfo):
+    metrics = {}  # first order: no meta-gradient
+  else:
+    metrics = {"meta_grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                                              for x in jax.tree_util.tree_leaves(info)))}
+  return grads, wstate, weights, metrics

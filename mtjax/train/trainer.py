@@ -66,10 +66,12 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
   :func:`mtjax.train.optim.make_optimizer`); ``image_shape`` (H, W, C) and ``batch_size`` (the
   global batch) shape the state; ``frozen``: label prefixes whose parameters the step does not
   differentiate; ``lookahead_lr``: the virtual step's learning rate of a meta-level method, a
-  float or a schedule of the step (pass the optimizer's schedule).
+  float or a schedule of the step (pass the optimizer's schedule); not needed when the method's
+  ``meta.lookahead_lr`` is set (MOML, FORUM: their own inner rate).
   """
   check_grad_level(model, grad_level)
-  if method.level == "meta" and lookahead_lr is None:
+  own_lr = method.meta is not None and method.meta.lookahead_lr is not None
+  if method.level == "meta" and lookahead_lr is None and not own_lr:
     raise ValueError("lookahead_lr: a meta-level method needs the learning rate of its "
                      "lookahead step (a float or the optimizer's schedule)")
   mesh = make_mesh() if mesh is None else mesh
@@ -103,19 +105,17 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
   def step(state: TrainState, batches):
     batch, meta_batch = batches
     key = jax.random.fold_in(state.key, state.step)
-    if method.level == "meta":
+    if method.level == "meta":  # the meta information and the update: train/meta.py
       alpha = lookahead_lr(state.step) if callable(lookahead_lr) else lookahead_lr
-      meta_grad = meta_lib.meta_gradient(model, tasks, state, batch, meta_batch, alpha, frozen)
-      _, wstate, weights = method.update(meta_grad, state.weighting_state, losses=None, key=key)
       terms = forward(state, batch)
-      grads = terms.combine(jax.lax.stop_gradient(weights))
+      grads, wstate, weights, meta_metrics = meta_lib.meta_step(
+          model, tasks, method, state, terms, batch, meta_batch, alpha, key, frozen)
     else:
       terms = forward(state, batch)
       grads, wstate, weights = balance(terms, method, state.weighting_state, key)
     new_state, metrics = apply_gradients(state, optimizer, names, grads, wstate, terms, weights)
     if method.level == "meta":
-      for i, name in enumerate(names):
-        metrics[f"meta_grad/{name}"] = meta_grad[i]
+      metrics.update(meta_metrics)
     return new_state, metrics
 
   def evaluate(state: TrainState, batch):

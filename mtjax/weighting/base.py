@@ -12,6 +12,12 @@ Jacobian works), or ``None`` for loss-level methods called by the train step, in
 none). ``grads_like`` is an optional pytree shaped like one task's gradient (no task axis); the
 train step always passes it, and methods that keep per-task gradient statistics (MoCo, DB-MTL)
 need it. ``level`` is one of ``"loss"``, ``"gradient"``, ``"meta"``.
+
+A meta-level method also carries a :class:`MetaSpec` (``method.meta``): what it learns, how
+that gives the task weights of the lower-level step, and its upper-level objective. The train
+step (:mod:`mtjax.train.meta`) computes the meta information the spec asks for and hands it to
+``update`` as ``task_grads``; ``update`` returns ``combined = None`` (the model's gradient is
+``∇ Σ_t weights_t L_t`` on the train batch) or a :class:`MetaDirection`.
 """
 
 from collections.abc import Callable
@@ -24,12 +30,68 @@ import optax
 LEVELS = ("loss", "gradient", "meta")
 
 
+META_KINDS = ("lookahead", "value_function")
+
+
+class MetaSpec(NamedTuple):
+  """What a meta-level method learns and which meta information its ``update`` receives.
+
+  * ``learned(state) -> pytree``: the upper-level variables (Auto-Lambda: the weights λ;
+    weight_net: the network's parameters φ; MOML, FORUM: the logits α).
+  * ``weights(learned, state, losses) -> (T,)``: the task weights of the lower-level (train
+    batch) objective ``Σ_t weights_t L_t``, a pure function of ``learned``; ``losses`` are the
+    train-batch losses at the current parameters (constants: no gradient flows into them).
+  * ``objective(state, meta_losses) -> scalar or (K,)``: the upper-level loss from the meta
+    batch's ``(T,)`` task losses (Auto-Lambda: the primary tasks' sum; MOML: all ``T`` of them).
+  * ``kind``: ``"lookahead"``: ``update`` receives the exact derivative of ``objective`` after
+    one virtual SGD step ``θ' = θ − α ∇_θ Σ_t weights_t L_t`` with respect to ``learned`` (a
+    pytree like ``learned``, with a leading ``K`` axis when ``objective`` returns ``(K,)``);
+    ``"value_function"``: first-order information for a value-function reformulation
+    (:class:`ValueFunctionInfo`, FORUM), no derivative through the lookahead.
+  * ``lookahead_lr``: the virtual step's learning rate α; ``None``: the trainer's
+    ``lookahead_lr`` (the optimizer's current learning rate).
+  * ``inner_steps``: the number of virtual SGD steps (``"value_function"`` only; ``"lookahead"``
+    takes one).
+  """
+
+  learned: Callable[[Any], Any]
+  weights: Callable[[Any, Any, jax.Array], jax.Array]
+  objective: Callable[[Any, jax.Array], jax.Array]
+  kind: str = "lookahead"
+  lookahead_lr: float | None = None
+  inner_steps: int = 1
+
+
+class ValueFunctionInfo(NamedTuple):
+  """First-order information of one step for a value-function method (FORUM), all float32.
+
+  With ``f(α, ω) = Σ_t weights_t(α) L_t(ω; train)``, ``ω`` every model parameter and ``ω^K``
+  ``inner_steps`` SGD steps on ``f(α, ·)`` from ``ω``; ``F_t(ω) = L_t(ω; meta batch)``:
+  """
+
+  losses: jax.Array        # (T,) L_t(ω) on the train batch
+  inner_losses: jax.Array  # (T,) L_t(ω^K) on the train batch
+  meta_gram: jax.Array     # (T, T) <∇_ω F_i, ∇_ω F_j>
+  cross: jax.Array         # (T,) <∇_ω F_t, ∇_ω f>
+  inner_sq: jax.Array      # () |∇_ω f|²
+
+
+class MetaDirection(NamedTuple):
+  """The model's gradient of a meta-level step as loss coefficients:
+  ``∇ (Σ_t train_t L_t(θ; train batch) + Σ_t meta_t L_t(θ; meta batch))``."""
+
+  train: jax.Array
+  meta: jax.Array
+
+
 class Method(NamedTuple):
-  """A task-balancing method: pure ``init``/``update`` and the information ``level`` it needs."""
+  """A task-balancing method: pure ``init``/``update``, the information ``level`` it needs, and
+  for a meta-level method its :class:`MetaSpec` (``None`` otherwise)."""
 
   init: Callable[..., Any]
   update: Callable[..., tuple[Any, Any, jax.Array]]
   level: str
+  meta: MetaSpec | None = None
 
 
 class EmptyState(NamedTuple):

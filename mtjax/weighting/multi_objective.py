@@ -1,5 +1,5 @@
 """Multi-objective gradient aggregation: MGDA, CAGrad, Nash-MTL, UPGrad, DualProj, FairGrad,
-SDMGrad.
+SDMGrad, MoDo.
 
 Every method here depends on the task gradients only through their ``(T, T)`` Gram matrix
 (:func:`~mtjax.weighting.base.gram`) and returns ``combined = Σ_t w_t g_t``
@@ -386,6 +386,59 @@ def sdmgrad(lamda: float = 0.3, max_norm: float = 1.0, num_iters: int = 100) -> 
   return Method(stateless_init, update, "gradient")
 
 
+class ModoState(NamedTuple):
+  weights: jnp.ndarray  # λ on the simplex
+
+
+def modo_lambda_step(cross_gram: jax.Array, lam: jax.Array, gamma: float,
+                     rho: float) -> jax.Array:
+  """MoDo's λ update (Chen et al., 2023; LibMTL's ``MoDo.backward``):
+  ``λ ← Π_Δ(λ − γ (∇F(x; z₁)ᵀ ∇F(x; z₂) λ + ρ λ))``, with ``cross_gram[i, j] = <g_i(z₁),
+  g_j(z₂)>`` the ``(T, T)`` products of two independent samples' task gradients (one sample:
+  the Gram matrix) and ``Π_Δ`` the Euclidean projection onto the simplex."""
+  cross_gram = jnp.asarray(cross_gram, jnp.float32)
+  lam = jnp.asarray(lam, jnp.float32)
+  return solvers.project_simplex(lam - gamma * (cross_gram @ lam + rho * lam))
+
+
+def modo(gamma: float = 1e-3, rho: float = 0.1) -> Method:
+  """MoDo, multi-objective gradient with double sampling (Chen et al., NeurIPS 2023,
+  "Three-way trade-off in multi-objective learning"): one projected stochastic-gradient step on
+  MGDA's regularised min-norm problem ``min_{λ ∈ Δ} ½|Σ_t λ_t g_t|² + (ρ/2)|λ|²`` per train step
+  (:func:`modo_lambda_step`), then the model moves along ``d = Σ_t λ_t g_t`` with the *new* λ.
+  λ starts uniform (``1/T``) and stays on the simplex, so ``d`` has the scale of the mean
+  gradient. Repeated on fixed gradients with ``0 < γ <= 2 / (λ_max(G) + ρ)`` the λ iteration
+  (projected gradient descent on a convex quadratic) converges to the minimiser of the
+  regularised problem, which for ``ρ = 0`` is MGDA's min-norm weights (Sener & Koltun, 2018);
+  with ``γ = 0`` it is the mean gradient (``λ = 1/T``) forever.
+
+  Defaults ``gamma = 1e-3``, ``rho = 0.1``: LibMTL's ``MoDo_gamma``/``MoDo_rho``
+  (``LibMTL/config.py``; the method is ``LibMTL/weighting/MoDo.py``); the authors' own
+  repository heshandevaka/Trade-Off-MOL has ``gamma_modo = 0.1``, ``rho_modo = 0.0`` in its
+  argument parser. Deviation: LibMTL draws three independent mini-batches per step, two for the
+  λ update (``∇F(z₁)ᵀ ∇F(z₂)``: the double sampling that makes it an unbiased estimate of
+  ``∇Fᵀ ∇F``) and a third for the model update (the task heads get their gradients averaged
+  over the three); the authors' repository (the version read) draws two and moves the model
+  along the sum of both samples' ``Σ_t λ_t g_t``. The train step here computes one batch's task
+  gradients, so all the samples are that batch: the single-sample variant, whose λ step uses
+  the Gram matrix ``G`` (a biased estimate of the population Gram matrix). A caller with two
+  samples' gradients can call :func:`modo_lambda_step` with their cross products.
+  """
+  if gamma < 0 or rho < 0:
+    raise ValueError(f"modo: gamma={gamma!r} and rho={rho!r} must be >= 0")
+
+  def init(num_tasks, grads_like=None):
+    del grads_like
+    return ModoState(jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
+
+  def update(task_grads, state, *, losses=None, key=None):
+    del losses, key
+    weights = modo_lambda_step(gram(task_grads), state.weights, gamma, rho)
+    return weighted_sum(task_grads, weights), ModoState(weights), weights
+
+  return Method(init, update, "gradient")
+
+
 METHODS = {
     "mgda": mgda,
     "cagrad": cagrad,
@@ -394,4 +447,5 @@ METHODS = {
     "dualproj": dualproj,
     "fairgrad": fairgrad,
     "sdmgrad": sdmgrad,
+    "modo": modo,
 }
