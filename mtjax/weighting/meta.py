@@ -18,14 +18,15 @@ import jax.numpy as jnp
 
 from mtjax.weighting import solvers
 from mtjax.weighting.base import (
-    MetaDirection,
-    MetaSpec,
-    Method,
-    ValueFunctionInfo,
-    adam_step,
+  TINY,
+  MetaDirection,
+  MetaSpec,
+  Method,
+  ValueFunctionInfo,
+  adam_step,
+  safe_div,
+  safe_sqrt,
 )
-
-_TINY = 1e-12
 
 
 def _primary_mask(name, primary_tasks, num_tasks):
@@ -115,13 +116,13 @@ def loss_features(state: WeightNetState, losses: jax.Array) -> jax.Array:
   """``(T, 3)`` features of each task's loss: ``log L_t``, ``log(L_t / L_t^first)`` (progress
   since the first step) and ``log(L_t / L̄_t)`` (the recent trend: against the moving average
   of the past losses). Before any step, ``first = L̄ = L`` (ratio and trend 0)."""
-  losses = jnp.maximum(jnp.asarray(losses, jnp.float32), _TINY)
+  losses = jnp.maximum(jnp.asarray(losses, jnp.float32), TINY)
   started = state.seen > 0
   first = jnp.where(started, state.first, losses)
   average = jnp.where(started, state.average, losses)
   log = jnp.log(losses)
-  return jnp.stack([log, log - jnp.log(jnp.maximum(first, _TINY)),
-                    log - jnp.log(jnp.maximum(average, _TINY))], axis=-1)
+  return jnp.stack([log, log - jnp.log(jnp.maximum(first, TINY)),
+                    log - jnp.log(jnp.maximum(average, TINY))], axis=-1)
 
 
 def weight_net_apply(params, features: jax.Array) -> jax.Array:
@@ -178,7 +179,7 @@ def weight_net(hidden=16, meta_lr=1e-3, average_decay=0.9, primary_tasks=None,
     params, mu, nu, count = _tree_adam(state.params, task_grads, state.mu, state.nu,
                                        state.count, meta_lr)
     weights = _weight_net_weights(params, state, losses)
-    current = jnp.maximum(jnp.asarray(losses, jnp.float32), _TINY)
+    current = jnp.maximum(jnp.asarray(losses, jnp.float32), TINY)
     started = state.seen > 0
     first = jnp.where(started, state.first, current)
     average = jnp.where(started, average_decay * state.average + (1 - average_decay) * current,
@@ -248,7 +249,7 @@ def moml(outer_lr=1e-3, inner_lr=0.1, normalization="l2", num_iters=100) -> Meth
     jac = jnp.asarray(task_grads, jnp.float32)  # (T, T): row i = ∂F_i/∂α
     if normalization == "l2":
       norms = jnp.sqrt(jnp.sum(jnp.square(jac), axis=-1))
-      jac = jac * solvers.safe_div(1.0, norms)[:, None]
+      jac = jac * safe_div(1.0, norms)[:, None]
     sol = solvers.min_norm_weights(jac @ jac.T, num_iters)
     logits, mu, nu, count = adam_step(state.logits, sol @ jac, state.mu, state.nu, state.count,
                                       outer_lr)
@@ -346,7 +347,7 @@ def forum(outer_lr=1e-3, inner_lr=0.1, inner_steps=5, phi=0.1, ema_period=1,
     info: ValueFunctionInfo = task_grads
     gap = info.losses - info.inner_losses
     alpha_gap = jax.grad(lambda a: jax.nn.softmax(a) @ gap)(state.logits)
-    inv = solvers.safe_div(1.0, jnp.sqrt(jnp.maximum(jnp.diag(info.meta_gram), 0.0)))
+    inv = safe_div(1.0, safe_sqrt(jnp.diag(info.meta_gram)))
     gf_gram = solvers.symmetrize(info.meta_gram) * inv[:, None] * inv[None, :]
     gf_gq = info.cross * inv
     gq_sq = alpha_gap @ alpha_gap + info.inner_sq
