@@ -30,6 +30,15 @@ def _task_sq_norms(task_grads) -> jax.Array:
   return sum(leaf(g) for g in jax.tree_util.tree_leaves(task_grads))
 
 
+def _per_task_zeros(name: str, purpose: str, num_tasks: int, grads_like):
+  """float32 zeros with a leading task axis, shaped like ``grads_like`` (required)."""
+  if grads_like is None:
+    raise ValueError(f"{name}: 'grads_like' (one task's gradient pytree) is required by init "
+                     f"to allocate {purpose}")
+  return jax.tree_util.tree_map(
+      lambda x: jnp.zeros((num_tasks,) + tuple(jnp.shape(x)), jnp.float32), grads_like)
+
+
 def _cast_like(combined, task_grads):
   return jax.tree_util.tree_map(lambda c, g: c.astype(g.dtype), combined, task_grads)
 
@@ -155,11 +164,7 @@ def db_mtl(beta: float = 0.9, beta_sigma: float = 0.0) -> Method:
   are the exact ``max ||ĝ|| / (||ĝ_t|| (L_t + 1e-8))``.
   """
   def init(num_tasks, grads_like=None):
-    if grads_like is None:
-      raise ValueError("db_mtl: 'grads_like' (one task's gradient pytree) is required by init "
-                       "to allocate the per-task gradient EMA")
-    ema = jax.tree_util.tree_map(
-        lambda x: jnp.zeros((num_tasks,) + tuple(jnp.shape(x)), jnp.float32), grads_like)
+    ema = _per_task_zeros("db_mtl", "the per-task gradient EMA", num_tasks, grads_like)
     return DBMTLState(ema, jnp.zeros((), jnp.int32))
 
   def update(task_grads, state, *, losses, key=None):
@@ -223,11 +228,8 @@ def excess_mtl(robust_step_size: float = 1e-2) -> Method:
   used as they are.
   """
   def init(num_tasks, grads_like=None):
-    if grads_like is None:
-      raise ValueError("excess_mtl: 'grads_like' (one task's gradient pytree) is required by "
-                       "init to allocate the per-task AdaGrad accumulators")
-    acc = jax.tree_util.tree_map(
-        lambda x: jnp.zeros((num_tasks,) + tuple(jnp.shape(x)), jnp.float32), grads_like)
+    acc = _per_task_zeros("excess_mtl", "the per-task AdaGrad accumulators", num_tasks,
+                          grads_like)
     return ExcessMTLState(acc, jnp.zeros((num_tasks,), jnp.float32),
                           jnp.ones((num_tasks,), jnp.float32), jnp.zeros((), jnp.int32))
 
