@@ -213,7 +213,7 @@ def to_torch_batch(batch, device, channels_last=False):
 
 def _set(tensor, value):
   with torch.no_grad():
-    value = torch.as_tensor(np.asarray(value, np.float32))
+    value = torch.from_numpy(np.array(value, np.float32))  # a writable copy
     if value.shape != tensor.shape:
       raise ValueError(f"shape mismatch: flax {tuple(value.shape)}, torch {tuple(tensor.shape)}")
     tensor.copy_(value)
@@ -310,7 +310,7 @@ def _torchjd():
   from torchjd import aggregation
   try:
     from torchjd.autojac import jac_to_grad, mtl_backward
-  except ImportError:  # torchjd < 0.8: mtl_backward takes the aggregator
+  except ImportError:  # torchjd < 0.9: mtl_backward(losses, features, aggregator) aggregates
     return torchjd, aggregation, torchjd.mtl_backward, None
   return torchjd, aggregation, mtl_backward, jac_to_grad
 
@@ -439,9 +439,8 @@ class Peer:
       features = self.net.backbone(self.batch["image"])
       losses = self._task_losses(features)
     if self._jac_to_grad is None:
-      self._mtl_backward(losses=losses, features=features, aggregator=self._aggregator,
-                         tasks_params=self.head_params, shared_params=self.shared,
-                         parallel_chunk_size=self.chunk_size)
+      self._mtl_backward(losses, features, self._aggregator, tasks_params=self.head_params,
+                         shared_params=self.shared, parallel_chunk_size=self.chunk_size)
     else:
       self._mtl_backward(losses, features=features, tasks_params=self.head_params,
                          shared_params=self.shared, parallel_chunk_size=self.chunk_size)
