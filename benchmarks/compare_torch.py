@@ -97,6 +97,8 @@ def parse_args(argv=None):
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="directory for compare_torch_<setup>.json/.md")
+  p.add_argument("--render", default=None, metavar="JSON",
+                 help="measure nothing: rewrite JSON's .md (and its per-round ratios)")
   return p.parse_args(argv)
 
 
@@ -254,6 +256,12 @@ def spread(times):
           "min_ms": min(times), "max_ms": max(times), "n": len(times)}
 
 
+def round_ratios(mtjax_times, peer_times, rounds):
+  """mtjax's block median over the peer's, round by round (the blocks ran back to back)."""
+  m, p = np.array_split(mtjax_times, rounds), np.array_split(peer_times, rounds)
+  return [float(np.median(a) / np.median(b)) for a, b in zip(m, p, strict=True)]
+
+
 def _fmt(s):
   return (f"{s['median_ms']:.1f} ({s['q1_ms']:.1f}–{s['q3_ms']:.1f}; "
           f"{s['min_ms']:.1f}–{s['max_ms']:.1f})")
@@ -276,7 +284,8 @@ def markdown(info, rows):
       f"SGD momentum 0.9",
       f"- timing: {info['rounds']} alternating rounds × {info['steps']} timed steps per "
       f"implementation ({info['block_warmup']} untimed before each block, {info['warmup']} "
-      "before round 1); ms: median (quartiles; min–max); ratio = mtjax median / PyTorch median",
+      "before round 1); ms: median (quartiles; min–max); ratio = mtjax median / PyTorch median; "
+      "per round: the ratio of the two blocks' medians in each round",
       f"- load average (1, 5, 15 min) before: {info['load_before']}, after: {info['load_after']}",
       f"- date: {info['date']}; command: `{info['command']}`",
   ]
@@ -286,22 +295,23 @@ def markdown(info, rows):
                  f"err {c['loss_max_rel_err']:.1e}, updates rel. err "
                  + ", ".join(f"{k} {e:.1e}" for k, e in c["update_rel_err"].items())
                  + ("" if c["asserted"] else " (bf16: not asserted)"))
-  lines += ["", "| step | mtjax ms | PyTorch peer | peer ms | mtjax / peer |",
-            "|---|---|---|---|---|"]
+  lines += ["", "| step | mtjax ms | PyTorch peer | peer ms | mtjax / peer | per round |",
+            "|---|---|---|---|---|---|"]
   for r in rows:
     m = r["mtjax"]
     m_txt = f"error: {m['error'][:60]}" if "error" in m else _fmt(m)
     if not r["peers"]:
-      lines.append(f"| {r['title']} | {m_txt} | — | — | — |")
+      lines.append(f"| {r['title']} | {m_txt} | — | — | — | — |")
     for p in r["peers"]:
       if "error" in p:
         lines.append(f"| {r['title']} | {m_txt} | {PEER_NAMES[p['variant']]} | "
-                     f"error: {p['error'][:60]} | — |")
+                     f"error: {p['error'][:60]} | — | — |")
         continue
       ratio = "—" if p.get("ratio") is None else f"**{p['ratio']:.2f}×**"
+      per_round = ", ".join(f"{x:.2f}" for x in p.get("round_ratios", [])) or "—"
       note = f" ({p['note']})" if p.get("note") else ""
       lines.append(f"| {r['title']} | {m_txt} | {PEER_NAMES[p['variant']]}{note} | {_fmt(p)} | "
-                   f"{ratio} |")
+                   f"{ratio} | {per_round} |")
   return "\n".join(lines) + "\n"
 
 
@@ -320,8 +330,26 @@ def _torch_wanted(mode):
   return True
 
 
+def render(path):
+  """Rewrites the table of a saved run (``--render``); returns its result."""
+  with open(path) as f:
+    result = json.load(f)
+  for row in result["rows"]:
+    for p in row["peers"]:
+      if "times_ms" in p and "times_ms" in row["mtjax"]:
+        p["round_ratios"] = round_ratios(row["mtjax"]["times_ms"], p["times_ms"],
+                                         result["info"]["rounds"])
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+  with open(path[:-len(".json")] + ".md", "w") as f:
+    f.write(markdown(result["info"], result["rows"]))
+  return result
+
+
 def main(argv=None):
   args = parse_args(argv)
+  if args.render:
+    return render(args.render)
   argv = sys.argv[1:] if argv is None else argv
   cfg = resolve(args)
   load_before = [round(x, 2) for x in os.getloadavg()]
@@ -415,6 +443,7 @@ def main(argv=None):
         p["note"] = torch_steps[v].note
       if "median_ms" in p and "median_ms" in m:
         p["ratio"] = m["median_ms"] / p["median_ms"]
+        p["round_ratios"] = round_ratios(m["times_ms"], p["times_ms"], args.rounds)
       row["peers"].append(p)
     rows.append(row)
 
