@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The GPU measurements of issue 12, one command per chunk, each under 10 minutes:
+#
+#   bash benchmarks/gpu.sh compare    # mtjax vs PyTorch (eager, torch.compile, LibMTL-style loop,
+#                                     # torchjd), ResNet-50 setup of ../shared/REFERENCE.md
+#   bash benchmarks/gpu.sh w1 .. w5   # benchmarks/step_time.py --setup resnet50, the weighting
+#                                     # methods split in five groups (each measures ew again)
+#   bash benchmarks/gpu.sh t10        # 10 tasks, representation level, four methods
+#   bash benchmarks/gpu.sh all        # everything in turn (a machine held long enough)
+#
+# Writes into $OUT (default benchmarks/results/gpu): compare_torch_resnet50.{json,md},
+# step_time_r50_<chunk>.{json,md}, and <chunk>.log. Each chunk runs under `timeout` (570 s).
+# GPU_TINY=1 runs every chunk at a tiny size (32×32, batch 2, 1 step) to test this script on a CPU.
+#
+# PyTorch: the comparison needs torch (and torchjd) in the device's Python. Without torch,
+# `compare` measures the mtjax side alone (compare_torch.py --torch auto) and says so in its
+# table. Carrying torch to a device machine does not work: the working-tree copy is limited to
+# 64 MiB, the CPU wheel alone is 183 MiB and a CUDA build is several GB with its nvidia-* wheels
+# (see benchmarks/README.md, "GPU"). The PyTorch side needs a device image that has torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}."
+OUT="${OUT:-benchmarks/results/gpu}"
+mkdir -p "$OUT"
+LIMIT=570
+
+if [[ "${GPU_TINY:-0}" == "1" ]]; then
+  CMP_SIZE=(--image-size 32 --batch 2 --rounds 1 --steps 1 --warmup 0 --block-warmup 0)
+  ST_SIZE=(--image-size 32 --batch 2 --steps 1 --warmup 0)
+else
+  CMP_SIZE=(--rounds 3 --steps 20)
+  ST_SIZE=()
+fi
+
+# The weighting methods in groups of at most ten compilations of the ResNet-50 step.
+declare -A CHUNK_METHODS=(
+  [w1]="pcgrad,mgda,upgrad,cagrad"
+  [w2]="nash_mtl,imtl,aligned_mtl,gradvac"
+  [w3]="moco,db_mtl,dualproj,con_fig"
+  [w4]="graddrop,gradnorm,auto_lambda"
+  [w5]="fixed,uw,dwa,rlw,gls,famo"
+)
+
+check_groups() {  # every registered method is in one group
+  python3 - "${CHUNK_METHODS[@]}" <<'EOF'
+import sys
+from mtjax import weighting
+grouped = {m for g in sys.argv[1:] for m in g.split(",")} | {"ew"}
+missing = sorted(set(weighting.names()) - grouped)
+if missing:
+  print(f"gpu.sh: methods in no group (measure them with step_time.py --methods): {missing}")
+EOF
+}
+
+info() {
+  python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_available())" \
+    2>/dev/null || echo "torch: not installed (the comparison measures mtjax alone)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+}
+
+run_chunk() {
+  local chunk="$1"
+  case "$chunk" in
+    compare)
+      timeout "$LIMIT" python3 benchmarks/compare_torch.py --setup resnet50 "${CMP_SIZE[@]}" \
+        --out "$OUT" ;;
+    w[1-5])
+      timeout "$LIMIT" python3 benchmarks/step_time.py --setup resnet50 "${ST_SIZE[@]}" \
+        --methods "${CHUNK_METHODS[$chunk]}" --out "$OUT/step_time_r50_$chunk" ;;
+    t10)
+      timeout "$LIMIT" python3 benchmarks/step_time.py --setup resnet50 "${ST_SIZE[@]}" \
+        --num-tasks 10 --levels representation --methods mgda,pcgrad,upgrad \
+        --out "$OUT/step_time_r50_t10" ;;
+    *)
+      echo "gpu.sh: unknown chunk '$chunk' (compare, w1..w5, t10, all)" >&2; return 2 ;;
+  esac
+}
+
+chunk="${1:-compare}"
+info
+if [[ "$chunk" == "all" ]]; then
+  check_groups
+  for c in compare w1 w2 w3 w4 w5 t10; do
+    run_chunk "$c" 2>&1 | tee "$OUT/$c.log"
+  done
+else
+  run_chunk "$chunk" 2>&1 | tee "$OUT/$chunk.log"
+fi
