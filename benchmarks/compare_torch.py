@@ -139,11 +139,10 @@ def build_mtjax(cfg, batch, runs):
     grad_level = level if level in step_lib.GRAD_LEVELS else "parameter"
     state = step_time.fresh_state(base, model, method, len(tasks), grad_level, cfg)
     box = [step_lib.replicate(state, mesh)]
-    train_step = step_lib.make_train_step(model, tasks, method, optimizer,
-                                          grad_level=grad_level, mesh=mesh)
+    trainer = step_time.make_trainer(model, tasks, method, optimizer, grad_level, cfg, mesh)
 
     def step():
-      box[0], metrics = jax.block_until_ready(train_step(box[0], device_batch))
+      box[0], metrics = jax.block_until_ready(trainer.step(box[0], device_batch))
       return metrics
 
     step.params = lambda: jax.device_get(box[0].params)
