@@ -1,9 +1,18 @@
-"""``mtjax train|eval --config FILE[:ARG] --workdir DIR [--config.FIELD=VALUE ...]``."""
+"""``mtjax train|eval --config FILE[:ARG] --workdir DIR [--config.FIELD=VALUE ...] [--verbose]``.
+
+A user error (a bad flag or config field, the data dir, the workdir, a checkpoint of another
+config) prints one line, ``mtjax: error: <message>``, and exits with 2; a run that cannot go on
+(it diverged, the disk is full: :class:`mtjax.errors.RunError`) prints one line and exits with
+1. ``--verbose`` adds the traceback. Other exceptions are bugs and keep their traceback.
+"""
 
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from mtjax.errors import RunError, UserError
 
 COMMANDS = ("train", "eval")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -11,22 +20,87 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and results.")
 _PROGRESS = flags.DEFINE_bool("progress_bar", True, "Show a progress bar.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, also show its Python traceback.")
+
+
+def _fail(message, code: int, verbose: bool):
+  if verbose:
+    traceback.print_exc()
+  print(f"mtjax: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _user_message(error: BaseException) -> str:
+  """What to tell the user about an error raised while the flags (and the config file, which
+  they load) were parsed: the innermost UserError if any, else the flag's error without the
+  traceback that ml_collections folds into it."""
+  chain, cause = [], error
+  while cause is not None:
+    chain.append(cause)
+    cause = cause.__cause__ or cause.__context__
+  users = [c for c in chain if isinstance(c, UserError)]
+  if users:
+    return str(users[-1])
+  if isinstance(error, (AttributeError, KeyError)):  # --config.FIELD=... of no field
+    field = str(chain[-1]).strip('"')
+    return f"--config: no such field {field} (an override on the command line)"
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if len(lines) > 1 and "Traceback" in lines[1]:
+    return f"{lines[0]} {lines[-1]}"  # the flag and the exception, not the traceback
+  return lines[0] if lines else type(error).__name__
+
+
+def _load_error(error: OSError, path: str) -> str:
+  """A config file that could not be loaded: the file and the innermost reason."""
+  while (error.__cause__ or error.__context__) is not None:
+    error = error.__cause__ or error.__context__
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return f"--config: cannot load {path!r}: {lines[-1] if lines else type(error).__name__}"
+
+
+def _parse_flags(argv):
+  verbose = any(a in ("--verbose", "--verbose=true", "--verbose=True") for a in argv)
+  try:
+    return flags.FLAGS(argv)
+  except OSError as e:  # the config file could not be loaded (an override touched it)
+    pairs = zip(argv, [*argv[1:], ""], strict=True)
+    path = next((a.split("=", 1)[1] if "=" in a else b for a, b in pairs
+                 if a == "--config" or a.startswith("--config=")), "")
+    _fail(_load_error(e, path), 2, verbose)
+  except Exception as e:  # noqa: BLE001 -- a flag, or the config file it loads: the user's input
+    _fail(_user_message(e), 2, verbose)
+
+
+def _config():
+  """The config; a config file that could not be loaded is reported as a user error."""
+  try:
+    config = _CONFIG.value
+    config.keys()  # a file that failed to load raises on first use
+    return config
+  except OSError as e:
+    _fail(_load_error(e, flags.FLAGS["config"].config_filename), 2, _VERBOSE.value)
 
 
 def _run(command: str):
   def run(argv):
     if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or _WORKDIR.value is None:
-      raise app.UsageError("--config and --workdir are required")
+      _fail(f"unexpected arguments: {argv[1:]}", 2, False)
+    if not flags.FLAGS["config"].present or _WORKDIR.value is None:
+      _fail("--config and --workdir are required", 2, False)
+    config = _config()
     from mtjax.train import loop  # after flag parsing: keeps `--help` fast
 
     logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every step at INFO
 
-    if command == "train":
-      loop.train(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
-    else:
-      loop.evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+      if command == "train":
+        loop.train(config, _WORKDIR.value, progress=_PROGRESS.value)
+      else:
+        loop.evaluate(config, _WORKDIR.value)
+    except UserError as e:
+      _fail(e, 2, _VERBOSE.value)
+    except RunError as e:
+      _fail(e, 1, _VERBOSE.value)
   return run
 
 
@@ -34,9 +108,9 @@ def main(argv=None):
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] not in COMMANDS:
     print(f"usage: mtjax {{{'|'.join(COMMANDS)}}} --config FILE --workdir DIR "
-          "[--config.FIELD=VALUE ...]", file=sys.stderr)
+          "[--config.FIELD=VALUE ...] [--verbose]", file=sys.stderr)
     sys.exit(2)
-  app.run(_run(argv[1]), argv=[f"mtjax {argv[1]}", *argv[2:]])
+  app.run(_run(argv[1]), argv=[f"mtjax {argv[1]}", *argv[2:]], flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

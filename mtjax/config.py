@@ -7,6 +7,7 @@ got and what is allowed.
 import ml_collections
 
 from mtjax import data, tasks, weighting
+from mtjax.errors import UserError
 
 # Fields that change what is logged or saved, not the training trajectory: a workdir's
 # checkpoint may be resumed under a config that differs only in these.
@@ -15,7 +16,14 @@ PRESENTATION_FIELDS = ("log_every", "eval_every", "checkpoint_every", "eval_batc
 
 
 def weighting_config(name: str = "ew") -> ml_collections.ConfigDict:
-  """``{"name": name, <each hyperparameter>: <its default>}`` for a config file."""
+  """``{"name": name, <each hyperparameter>: <its default>}`` for a config file.
+
+  Raises :class:`UserError` listing the valid names when ``name`` is not a method (the argument
+  after ``:`` in ``--config FILE:METHOD``).
+  """
+  if name not in weighting.names():
+    raise UserError(f"config.weighting.name: got {name!r} (the method after ':' in --config); "
+                    f"expected one of {weighting.names()}")
   fields = {"name": name}
   for key, value in weighting.hparams(name).items():
     # A None default (e.g. fixed weights, a preference vector) stands for an optional tuple:
@@ -31,11 +39,12 @@ def weighting_kwargs(cfg) -> dict:
 
 def _check(ok: bool, field: str, got, allowed):
   if not ok:
-    raise ValueError(f"config.{field}: got {got!r}; expected {allowed}")
+    raise UserError(f"config.{field}: got {got!r}; expected {allowed}")
 
 
 def validate(cfg, num_devices: int = 1) -> None:
-  """Raises ValueError naming the first bad field among those that span several builders.
+  """Raises :class:`UserError` (a ValueError) naming the first bad field among those that span
+  several builders.
 
   The fields of one builder (model, weighting method, optimizer, gradient level) are checked
   by that builder (see ``mtjax.train.loop.build``), with errors naming the field.
@@ -43,7 +52,7 @@ def validate(cfg, num_devices: int = 1) -> None:
   try:
     info = data.dataset_info(cfg.dataset.name)
   except ValueError as e:
-    raise ValueError(f"config.dataset.{e}") from None
+    raise UserError(f"config.dataset.{e}") from None
   size = tuple(cfg.dataset.image_size)
   _check(len(size) == 2 and all(isinstance(s, int) and s >= 8 for s in size),
          "dataset.image_size", size, "(height, width), ints >= 8")
@@ -62,6 +71,11 @@ def validate(cfg, num_devices: int = 1) -> None:
            f"a positive multiple of the number of devices ({num_devices})")
   for field in ("num_steps", "log_every", "eval_every", "checkpoint_every"):
     _check(isinstance(cfg[field], int) and cfg[field] >= 0, field, cfg[field], "an int >= 0")
+  _check(cfg.get("nonfinite", "stop") in ("stop", "skip"), "nonfinite",
+         cfg.get("nonfinite"), "'stop' or 'skip' (what a step with a non-finite loss, gradient "
+         "or parameter does)")
+  skips = cfg.get("max_consecutive_skips", 10)
+  _check(isinstance(skips, int) and skips >= 1, "max_consecutive_skips", skips, "an int >= 1")
   for name, metrics in cfg.baselines.items():
     _check(name in names, f"baselines.{name}", name, f"one of the config's tasks {names}")
     allowed = tasks.get(name, **info["tasks"][name]).higher_is_better

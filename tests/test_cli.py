@@ -43,7 +43,8 @@ def test_train_then_eval_with_method_hyperparameters(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   other = _mtjax("train", "--config", "experiments/configs/shapes.py:pcgrad", "--workdir",
                  workdir, *TINY, env=env)
-  assert other.returncode != 0
+  assert other.returncode == 2 and "Traceback" not in other.stderr
+  assert _error_line(other).startswith("mtjax: error: workdir ")
   assert "holds a checkpoint (step 2) of a different config" in other.stderr
 
 
@@ -54,3 +55,47 @@ def test_train_then_eval_with_method_hyperparameters(tmp_path):
 def test_usage_errors(args, message):
   run = _mtjax(*args)
   assert run.returncode == 2 and message in run.stderr
+
+
+def _error_line(run):
+  lines = run.stderr.strip().splitlines()
+  return lines[-1] if lines else ""
+
+
+@pytest.mark.parametrize("case,args,message", [
+    ("unknown task", ["--config.tasks=('depht',)"],
+     "config.tasks: got 'depht'; expected task names from ["),
+    ("unknown method after ':'", ["--config", "experiments/configs/shapes.py:nope"],
+     "config.weighting.name: got 'nope' (the method after ':' in --config); expected one of "
+     "['aligned_mtl', "),
+    ("unknown config field", ["--config.nope=1"], "--config: no such field 'nope'"),
+    ("bad value type", ["--config.batch_size=abc"], "flag --config.batch_size=abc:"),
+    ("missing config file", ["--config", "nowhere.py"],
+     "--config: cannot load 'nowhere.py': [Errno 2] No such file or directory"),
+    ("workdir is a file", ["--workdir", "FILE"], "FILE' is a file; expected a folder"),
+    ("data dir not a folder", ["--data_dir_is_a_file"],
+     "config.dataset.data_dir (else $MTJAX_DATA_DIR): cannot build or read dataset 'shapes'"),
+])
+def test_user_errors_print_one_line_and_exit_2(tmp_path, case, args, message):
+  (tmp_path / "FILE").write_text("not a folder")
+  env = {**os.environ, "MTJAX_DATA_DIR": str(tmp_path / "data"), "JAX_PLATFORMS": "cpu"}
+  if args == ["--data_dir_is_a_file"]:
+    env["MTJAX_DATA_DIR"], args = str(tmp_path / "FILE" / "data"), []
+  base = {"--config": "experiments/configs/shapes.py", "--workdir": str(tmp_path / "w")}
+  for flag in base:
+    if flag in args:
+      i = args.index(flag)
+      value = args[i + 1]
+      base[flag] = str(tmp_path / value) if value == "FILE" else value
+      args = args[:i] + args[i + 2:]
+  run = _mtjax("train", "--config", base["--config"], "--workdir", base["--workdir"], *args,
+               *TINY, env=env)
+  assert run.returncode == 2, (case, run.stderr[-3000:])
+  line = _error_line(run)
+  assert line.startswith("mtjax: error: ") and message in line, (case, run.stderr[-2000:])
+  assert "Traceback" not in run.stderr, case
+  if case == "unknown task":  # --verbose shows the traceback, then the same line
+    again = _mtjax("train", "--config", base["--config"], "--workdir", base["--workdir"],
+                   *args, *TINY, "--verbose", env=env)
+    assert again.returncode == 2 and "Traceback" in again.stderr
+    assert _error_line(again) == _error_line(run)

@@ -34,6 +34,11 @@ def get_config(arg=None):
       # Parameter groups are the model's labels ("shared", "shared/stage2", a task name):
       # ((prefix, scale), ...) scales their learning rate; (prefix, ...) freezes them.
       "lr_scale": (), "frozen": ()})
+  # A step whose task losses, gradient or updated parameters are not finite: "stop" ends the
+  # run with an error naming the step and the tasks (nothing non-finite is saved); "skip" skips
+  # the update and counts it, and stops after max_consecutive_skips skips in a row.
+  config.nonfinite = "stop"
+  config.max_consecutive_skips = 10
   config.batch_size = 32
   config.num_steps = 1000
   config.log_every = 50

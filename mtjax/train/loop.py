@@ -9,6 +9,7 @@ import contextlib
 import functools
 import json
 import os
+import sys
 import time
 from typing import NamedTuple
 
@@ -20,6 +21,7 @@ from mtjax import checkpoint, data, metrics, models, weighting
 from mtjax import config as config_lib
 from mtjax import tasks as tasks_lib
 from mtjax.data import pipeline
+from mtjax.errors import RunError, UserError
 from mtjax.models import labels
 from mtjax.train import optim
 from mtjax.train import step as step_lib
@@ -39,11 +41,13 @@ class Experiment(NamedTuple):
 
 @contextlib.contextmanager
 def _building(field: str | None = None):
-  """Re-raises a builder's ValueError as an error of ``config.<field>`` (or ``config.``)."""
+  """Re-raises a builder's ValueError as a UserError of ``config.<field>`` (or ``config.``)."""
   try:
     yield
+  except UserError:
+    raise
   except (TypeError, ValueError) as e:
-    raise ValueError(f"config.{field}: {e}" if field else f"config.{e}") from None
+    raise UserError(f"config.{field}: {e}" if field else f"config.{e}") from None
 
 
 def build(cfg) -> Experiment:
@@ -82,39 +86,102 @@ def make_trainer(cfg, exp: Experiment, mesh):
     return trainer_lib.make_trainer(
         exp.model, exp.tasks, exp.method, exp.optimizer, image_shape=(*cfg.dataset.image_size, 3),
         batch_size=cfg.batch_size, grad_level=cfg.grad_level, frozen=optim.group_rules(
-            cfg.optimizer)[1], lookahead_lr=exp.schedule, mesh=mesh)
+            cfg.optimizer)[1], lookahead_lr=exp.schedule, mesh=mesh,
+        nonfinite=cfg.get("nonfinite", "stop"),
+        max_consecutive_skips=cfg.get("max_consecutive_skips", 10))
 
 
 def load_data(cfg, split: str, label_keys) -> dict:
-  arrays = data.load_split(cfg.dataset.name, split, image_size=tuple(cfg.dataset.image_size),
-                           data_dir=cfg.dataset.data_dir or None,
-                           split_sizes=dict(cfg.dataset.split_sizes))
+  """The arrays of ``split`` (built into the data dir first if needed)."""
+  data_dir = cfg.dataset.data_dir or None
+  try:
+    arrays = data.load_split(cfg.dataset.name, split, image_size=tuple(cfg.dataset.image_size),
+                             data_dir=data_dir, split_sizes=dict(cfg.dataset.split_sizes))
+  except OSError as e:
+    where = data_dir or os.environ.get("MTJAX_DATA_DIR") or "~/tensorflow_datasets"
+    raise UserError(
+        f"config.dataset.data_dir (else $MTJAX_DATA_DIR): cannot build or read dataset "
+        f"{cfg.dataset.name!r} in {where!r}: {e.strerror or e}"
+        f"{f' ({e.filename})' if e.filename else ''}; expected a writable folder") from e
   return pipeline.select(arrays, label_keys)
 
 
+def warn(message: str) -> None:
+  """A one-line warning on stderr, as the command line prints its errors."""
+  print(f"mtjax: warning: {message}", file=sys.stderr, flush=True)
+
+
 def check_workdir(cfg, workdir: str) -> int | None:
-  """The step to resume from (None for a fresh run); raises if the checkpoint is foreign."""
+  """The newest checkpoint step to resume from (None for a fresh run).
+
+  Raises :class:`UserError` if ``workdir`` is not a folder, or if its checkpoint is of a
+  different config. A checkpoint whose metadata cannot be read is passed over (and later moved
+  aside by :func:`initial_state`).
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir: {workdir!r} is a file; expected a folder (made if missing)")
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  step = checkpoint.latest_step(ckpt_dir)
-  if step is None:
-    return None
-  saved = checkpoint.read_metadata(ckpt_dir, step)["config"]
-  now = config_lib.identity(cfg)
-  diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-  if diff:
-    details = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in diff[:8])
-    raise ValueError(
-        f"workdir {workdir!r} holds a checkpoint (step {step}) of a different config ({details}). "
-        "Use another --workdir, or the config that wrote it; the checkpoint was left untouched.")
-  return step
+  for step in checkpoint.all_steps(ckpt_dir):
+    try:
+      saved = checkpoint.read_metadata(ckpt_dir, step)["config"]
+    except Exception:  # noqa: BLE001 -- damaged: initial_state says so and moves it aside
+      continue
+    now = config_lib.identity(cfg)
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff:
+      details = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in diff[:8])
+      raise UserError(
+          f"workdir {workdir!r} holds a checkpoint (step {step}) of a different config "
+          f"({details}). Use another --workdir, or the config that wrote it; the checkpoint was "
+          "left untouched.")
+    return step
+  return None
 
 
 def initial_state(cfg, trainer, workdir: str, step: int | None):
-  """A fresh state seeded by ``cfg.seed``, or checkpoint ``step`` of ``workdir`` if given."""
+  """A fresh state seeded by ``cfg.seed``, or the newest readable checkpoint up to ``step``.
+
+  A newer checkpoint that cannot be read is reported and moved aside
+  (:func:`mtjax.checkpoint.restore_newest`).
+  """
   state = trainer.init(jax.random.PRNGKey(cfg.seed))
   if step is not None:
-    state, _ = checkpoint.restore(os.path.join(workdir, "checkpoints"), step, state)
+    state, _, _ = checkpoint.restore_newest(os.path.join(workdir, "checkpoints"), state,
+                                            warn=warn)
   return state
+
+
+def check_health(state, names, cfg, saved: int | None) -> None:
+  """Raises :class:`RunError` if the run must stop at a non-finite step (``state.health``).
+
+  Reads a few scalars: call it only where the loop syncs anyway (logging, evaluation,
+  checkpoint, report). ``saved``: the step of the newest checkpoint on disk.
+  """
+  health = jax.device_get(state.health)
+  bad_step = int(health.bad_step)
+  if bad_step < 0:
+    return
+  what = []
+  tasks = [n for n, bad in zip(names, np.asarray(health.bad_losses), strict=True) if bad]
+  if tasks:
+    what.append(f"the loss of {', '.join(tasks)}")
+  if health.bad_grad:
+    what.append("the gradient")
+  if health.bad_params:
+    what.append("the updated parameters")
+  what = " and ".join(what) + (" was" if len(what) == 1 and not tasks[1:] else " were")
+  on_disk = (f"the newest checkpoint (step {saved}) is finite" if saved is not None
+             else "no checkpoint was saved")
+  if cfg.get("nonfinite", "stop") == "skip":
+    limit = cfg.get("max_consecutive_skips", 10)
+    raise RunError(
+        f"step {bad_step}: {limit} updates in a row were skipped (config.max_consecutive_skips), "
+        f"the last because {what} not finite; {int(health.skipped)} skipped in all; {on_disk}. "
+        "Lower config.optimizer.learning_rate or set config.optimizer.grad_clip")
+  raise RunError(
+      f"step {bad_step}: {what} not finite (config.nonfinite='stop'); the run stopped and "
+      f"nothing after it was saved: {on_disk}. Lower config.optimizer.learning_rate, set "
+      "config.optimizer.grad_clip, or skip such steps with config.nonfinite='skip'")
 
 
 def evaluate_split(evaluate, state, arrays, tasks, batch_size, mesh) -> dict:
@@ -143,11 +210,18 @@ def _flat(results, prefix):
 
 
 def _rewind_log(path: str, step: int) -> None:
-  """Drops log lines written after ``step`` (by a run stopped before its next checkpoint)."""
+  """Drops log lines written after ``step`` (by a run stopped before its next checkpoint), and a
+  last line cut short by a kill."""
   if not os.path.exists(path):
     return
+  lines = []
   with open(path) as f:
-    lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    for line in f:
+      try:
+        if line.endswith("\n") and json.loads(line)["step"] <= step:
+          lines.append(line)
+      except ValueError:
+        pass
   with open(path, "w") as f:
     f.writelines(lines)
 
@@ -164,18 +238,26 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   resume_step = check_workdir(cfg, workdir)
   train_arrays = load_data(cfg, "train", exp.label_keys)
   val_arrays = load_data(cfg, "validation", exp.label_keys)
-  tasks_lib.check_batch(exp.tasks, pipeline.train_batch(train_arrays, seed=cfg.seed, step=0,
-                                                        batch_size=cfg.batch_size),
-                        cfg.dataset.image_size, cfg.batch_size)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(cfg.to_dict(), f, indent=2, default=list)
+  try:
+    tasks_lib.check_batch(exp.tasks, pipeline.train_batch(train_arrays, seed=cfg.seed, step=0,
+                                                          batch_size=cfg.batch_size),
+                          cfg.dataset.image_size, cfg.batch_size)
+  except ValueError as e:
+    raise UserError(f"dataset {cfg.dataset.name!r}: {e}") from None
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(cfg.to_dict(), f, indent=2, default=list)
+  except OSError as e:
+    raise UserError(f"--workdir: cannot write to {workdir!r}: {e.strerror or e}") from e
 
   state = initial_state(cfg, trainer, workdir, resume_step)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   log_path = os.path.join(workdir, "metrics.jsonl")
+  saved = None
   if resume_step is not None:
-    _rewind_log(log_path, resume_step)
+    saved = int(state.step)
+    _rewind_log(log_path, saved)
   elif os.path.exists(log_path):
     os.remove(log_path)
   state = step_lib.replicate(state, mesh)
@@ -190,6 +272,7 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
     def train_step(state, batch, step):
       del step
       return trainer.step(state, batch)
+  names = tuple(exp.tasks)
   mngr = checkpoint.manager(ckpt_dir, cfg.keep_checkpoints)
 
   def save():
@@ -201,31 +284,49 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   last = cfg.num_steps if stop_after is None else min(cfg.num_steps, first + stop_after)
   bar = _progress(first, cfg.num_steps, progress)
   tick, tick_step = time.perf_counter(), first
-  with open(log_path, "a") as log:
-    for step in range(first, last):
-      batch = pipeline.train_batch(train_arrays, seed=cfg.seed, step=step,
-                                   batch_size=cfg.batch_size)
-      state, step_metrics = train_step(state, step_lib.shard_batch(batch, mesh), step)
-      done = step + 1
-      if cfg.log_every and (done % cfg.log_every == 0 or done == cfg.num_steps):
-        record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        now = time.perf_counter()
-        record.update(step=done, split="train", learning_rate=float(exp.schedule(step)),
-                      steps_per_sec=(done - tick_step) / (now - tick))
-        tick, tick_step = now, done
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        bar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in record.items()
-                         if k.startswith("loss/") and k.count("/") == 1})
-      if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.num_steps:
-        results = evaluate_split(trainer.evaluate, state, val_arrays, exp.tasks,
-                                 cfg.eval_batch_size, mesh)
-        log.write(json.dumps({"step": done, "split": "validation",
-                              **_flat(results, "validation")}) + "\n")
-        log.flush()
-      if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == last:
-        save()
-      bar.update(1)
+  skipped = None
+  try:
+    with open(log_path, "a") as log:
+      for step in range(first, last):
+        batch = pipeline.train_batch(train_arrays, seed=cfg.seed, step=step,
+                                     batch_size=cfg.batch_size)
+        state, step_metrics = train_step(state, step_lib.shard_batch(batch, mesh), step)
+        done = step + 1
+        logs = cfg.log_every and (done % cfg.log_every == 0 or done == cfg.num_steps)
+        evals = cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.num_steps
+        saves = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == last
+        if logs:
+          record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          now = time.perf_counter()
+          record.update(step=done, split="train", learning_rate=float(exp.schedule(step)),
+                        steps_per_sec=(done - tick_step) / (now - tick))
+          tick, tick_step = now, done
+          log.write(json.dumps(record) + "\n")
+          log.flush()
+          bar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in record.items()
+                           if k.startswith("loss/") and k.count("/") == 1})
+          if record.get("skipped", 0) != (skipped or 0):
+            skipped = record["skipped"]
+            warn(f"step {done}: {int(skipped)} non-finite update(s) skipped so far "
+                 "(config.nonfinite='skip')")
+        if logs or evals or saves:  # the loop syncs here anyway
+          check_health(state, names, cfg, saved)
+        if evals:
+          results = evaluate_split(trainer.evaluate, state, val_arrays, exp.tasks,
+                                   cfg.eval_batch_size, mesh)
+          log.write(json.dumps({"step": done, "split": "validation",
+                                **_flat(results, "validation")}) + "\n")
+          log.flush()
+        if saves:
+          save()
+          saved = done
+        bar.update(1)
+    check_health(state, names, cfg, saved)
+  except BaseException:
+    bar.close()
+    with contextlib.suppress(Exception):  # after a failed save, close raises the same again
+      mngr.close()
+    raise
   bar.close()
   mngr.close()
   if int(state.step) < cfg.num_steps:
@@ -265,7 +366,7 @@ def evaluate(cfg, workdir: str) -> dict:
   trainer = make_trainer(cfg, exp, mesh)
   step = check_workdir(cfg, workdir)
   if step is None:
-    raise ValueError(f"workdir {workdir!r} has no checkpoint to evaluate")
+    raise UserError(f"--workdir: {workdir!r} has no checkpoint to evaluate")
   state = initial_state(cfg, trainer, workdir, step)
   return report(cfg, workdir, exp, trainer, state, mesh)
 

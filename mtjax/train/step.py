@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtjax.models import labels
 from mtjax.tasks import loss_and_parts
-from mtjax.train.state import TrainState
+from mtjax.train.state import Health, TrainState
 
 GRAD_LEVELS = ("parameter", "representation")
 
@@ -196,9 +196,58 @@ def balance(terms: TaskTerms, method, weighting_state, key):
                    "(see mtjax.train.meta for 'meta')")
 
 
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def all_finite(tree) -> jax.Array:
+  """Whether every floating-point entry of ``tree`` is finite: a bool scalar, on device."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def check_health(health: Health, step, losses, grad_ok, params_ok, *, nonfinite: str,
+                 max_consecutive_skips: int):
+  """``(ok, health)``: whether step ``step``'s update is finite, and the updated record.
+
+  ``ok``: every task loss, the combined gradient (``grad_ok``) and the updated parameters and
+  batch statistics (``params_ok``) are finite. Under ``"stop"`` the first step that is not ok
+  is where the run stops; under ``"skip"`` a step that is not ok is skipped and counted, and
+  the run stops at the ``max_consecutive_skips``-th skip in a row. What was not finite is kept
+  for the step the run stops at (see :class:`mtjax.train.state.Health`).
+  """
+  if nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f"nonfinite: got {nonfinite!r}; expected one of {NONFINITE_POLICIES}")
+  losses_ok = jnp.isfinite(losses)
+  ok = jnp.all(losses_ok) & grad_ok & params_ok
+  streak = jnp.where(ok, 0, health.streak + 1).astype(jnp.int32)
+  if nonfinite == "skip":
+    skipped = health.skipped + jnp.where(ok, 0, 1).astype(jnp.int32)
+    stop = streak >= max_consecutive_skips
+  else:
+    skipped, stop = health.skipped, ~ok
+  first = (health.bad_step < 0) & stop
+  return ok, Health(skipped, streak,
+                    jnp.where(first, jnp.asarray(step, jnp.int32), health.bad_step),
+                    jnp.where(first, ~losses_ok, health.bad_losses),
+                    jnp.where(first, ~grad_ok, health.bad_grad),
+                    jnp.where(first, ~params_ok, health.bad_params))
+
+
 def apply_gradients(state: TrainState, optimizer, names, grads, weighting_state,
-                    terms: TaskTerms, weights):
-  """The optimizer update that ends a train step, and the step's metrics."""
+                    terms: TaskTerms, weights, *, nonfinite: str = "stop",
+                    max_consecutive_skips: int = 10):
+  """The optimizer update that ends a train step, and the step's metrics.
+
+  The step also checks, on device, that the task losses, the gradient and the updated
+  parameters are finite (:func:`check_health`; nothing waits for the host). ``nonfinite="stop"``
+  only records the first step that is not (the loop stops there: the trajectory of a healthy
+  run is unchanged); ``"skip"`` keeps the parameters, batch statistics, optimizer and weighting
+  states of such a step bitwise unchanged, while the step counter still advances (the data
+  position and the per-step key ``fold_in(root, step)`` stay functions of the step, so a
+  resumed run is exact). As in ``optax.apply_if_finite``, the optimizer's own count, and so its
+  learning-rate schedule, does not advance on a skipped step.
+  """
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   losses = terms.losses
@@ -209,5 +258,17 @@ def apply_gradients(state: TrainState, optimizer, names, grads, weighting_state,
     for part, value in terms.parts.get(name, {}).items():
       metrics[f"loss/{name}/{part}"] = value
   new_state = TrainState(state.step + 1, params, terms.batch_stats, opt_state, weighting_state,
-                         state.key)
+                         state.key, state.health)
+  if state.health is None:  # a state made by hand, without a record: nothing is checked
+    return new_state, metrics
+  ok, health = check_health(state.health, state.step + 1, losses, all_finite(grads),
+                            all_finite((params, terms.batch_stats)), nonfinite=nonfinite,
+                            max_consecutive_skips=max_consecutive_skips)
+  if nonfinite == "skip":
+    kept = jax.tree_util.tree_map(lambda new, old: jnp.where(ok, new, old),
+                                  tuple(new_state[1:5]), tuple(state[1:5]))
+    new_state = TrainState(state.step + 1, *kept, state.key, health)
+    metrics["skipped"] = health.skipped
+  else:
+    new_state = new_state._replace(health=health)
   return new_state, metrics

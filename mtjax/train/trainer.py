@@ -21,8 +21,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mtjax.models import labels
 from mtjax.train import meta as meta_lib
-from mtjax.train.state import TrainState
+from mtjax.train.state import TrainState, healthy
 from mtjax.train.step import (
+    NONFINITE_POLICIES,
     apply_gradients,
     balance,
     check_grad_level,
@@ -58,7 +59,8 @@ def gradient_like(model, params, batch_stats, *, grad_level, image_shape, batch_
 
 def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch_size: int,
                  grad_level: str = "parameter", frozen=(), lookahead_lr=None, mesh=None,
-                 donate: bool = True) -> Trainer:
+                 donate: bool = True, nonfinite: str = "stop",
+                 max_consecutive_skips: int = 10) -> Trainer:
   """The state factory and the jitted steps of one experiment.
 
   ``tasks`` maps names to :class:`mtjax.tasks.Task`; ``method`` is a weighting method;
@@ -67,9 +69,16 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
   global batch) shape the state; ``frozen``: label prefixes whose parameters the step does not
   differentiate; ``lookahead_lr``: the virtual step's learning rate of a meta-level method, a
   float or a schedule of the step (pass the optimizer's schedule); not needed when the method's
-  ``meta.lookahead_lr`` is set (MOML, FORUM: their own inner rate).
+  ``meta.lookahead_lr`` is set (MOML, FORUM: their own inner rate). ``nonfinite``: ``"stop"``
+  (record in ``state.health`` the first step whose losses, gradient or parameters are not
+  finite) or ``"skip"`` (skip such updates; stop at ``max_consecutive_skips`` in a row), see
+  :func:`mtjax.train.step.apply_gradients`.
   """
   check_grad_level(model, grad_level)
+  if nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f"nonfinite: got {nonfinite!r}; expected one of {NONFINITE_POLICIES}")
+  if not (isinstance(max_consecutive_skips, int) and max_consecutive_skips >= 1):
+    raise ValueError(f"max_consecutive_skips: got {max_consecutive_skips!r}; expected an int >= 1")
   own_lr = method.meta is not None and method.meta.lookahead_lr is not None
   if method.level == "meta" and lookahead_lr is None and not own_lr:
     raise ValueError("lookahead_lr: a meta-level method needs the learning rate of its "
@@ -93,6 +102,7 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
             model, params, batch_stats, grad_level=grad_level, image_shape=image_shape,
             batch_size=batch_size)),
         key=root_key,
+        health=healthy(len(names)),
     )
     # One buffer per leaf: a method's init may reuse an array (``zeros, zeros``), and the train
     # step donates the state, which fails on a buffer passed twice.
@@ -113,7 +123,9 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
     else:
       terms = forward(state, batch)
       grads, wstate, weights = balance(terms, method, state.weighting_state, key)
-    new_state, metrics = apply_gradients(state, optimizer, names, grads, wstate, terms, weights)
+    new_state, metrics = apply_gradients(state, optimizer, names, grads, wstate, terms, weights,
+                                         nonfinite=nonfinite,
+                                         max_consecutive_skips=max_consecutive_skips)
     if method.level == "meta":
       metrics.update(meta_metrics)
     return new_state, metrics
