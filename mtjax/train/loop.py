@@ -82,7 +82,8 @@ def make_trainer(cfg, exp: Experiment, mesh):
     return trainer_lib.make_trainer(
         exp.model, exp.tasks, exp.method, exp.optimizer, image_shape=(*cfg.dataset.image_size, 3),
         batch_size=cfg.batch_size, grad_level=cfg.grad_level, frozen=optim.group_rules(
-            cfg.optimizer)[1], lookahead_lr=exp.schedule, mesh=mesh)
+            cfg.optimizer)[1], lookahead_lr=exp.schedule, mesh=mesh,
+        task_chunk=cfg.get("task_chunk", 0))
 
 
 def load_data(cfg, split: str, label_keys) -> dict:

@@ -26,6 +26,7 @@ from mtjax.train.step import (
     apply_gradients,
     balance,
     check_grad_level,
+    check_task_chunk,
     make_mesh,
     task_terms,
 )
@@ -58,7 +59,7 @@ def gradient_like(model, params, batch_stats, *, grad_level, image_shape, batch_
 
 def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch_size: int,
                  grad_level: str = "parameter", frozen=(), lookahead_lr=None, mesh=None,
-                 donate: bool = True) -> Trainer:
+                 donate: bool = True, task_chunk: int = 0) -> Trainer:
   """The state factory and the jitted steps of one experiment.
 
   ``tasks`` maps names to :class:`mtjax.tasks.Task`; ``method`` is a weighting method;
@@ -67,9 +68,13 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
   global batch) shape the state; ``frozen``: label prefixes whose parameters the step does not
   differentiate; ``lookahead_lr``: the virtual step's learning rate of a meta-level method, a
   float or a schedule of the step (pass the optimizer's schedule); not needed when the method's
-  ``meta.lookahead_lr`` is set (MOML, FORUM: their own inner rate).
+  ``meta.lookahead_lr`` is set (MOML, FORUM: their own inner rate). ``task_chunk > 0``: at the
+  parameter level, with a method that has ``from_gram``, the Gram matrix of the task gradients
+  is computed that many tasks at a time (bounded memory for many tasks, one more backward pass;
+  see :func:`mtjax.train.step.balance`); 0 (default): all tasks at once.
   """
   check_grad_level(model, grad_level)
+  check_task_chunk(model, method, grad_level, task_chunk)
   own_lr = method.meta is not None and method.meta.lookahead_lr is not None
   if method.level == "meta" and lookahead_lr is None and not own_lr:
     raise ValueError("lookahead_lr: a meta-level method needs the learning rate of its "
@@ -112,7 +117,7 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
           model, tasks, method, state, terms, batch, meta_batch, alpha, key, frozen)
     else:
       terms = forward(state, batch)
-      grads, wstate, weights = balance(terms, method, state.weighting_state, key)
+      grads, wstate, weights = balance(terms, method, state.weighting_state, key, task_chunk)
     new_state, metrics = apply_gradients(state, optimizer, names, grads, wstate, terms, weights)
     if method.level == "meta":
       metrics.update(meta_metrics)
