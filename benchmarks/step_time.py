@@ -68,6 +68,9 @@ def parse_args(argv=None):
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
   p.add_argument("--num-tasks", type=int, default=3,
                  help="3, or more: extra depth tasks depth_1.. with their own heads")
+  p.add_argument("--task-chunk", type=int, default=0,
+                 help="> 0: parameter-level methods with from_gram compute the Gram matrix this "
+                      "many tasks at a time (config.task_chunk)")
   p.add_argument("--seed", type=int, default=0)
   return p.parse_args(argv)
 
@@ -87,6 +90,7 @@ def resolve(args):
   if args.num_tasks < len(BASE_TASKS):
     raise ValueError(f"--num-tasks: expected at least {len(BASE_TASKS)}, got {args.num_tasks}")
   cfg["num_tasks"] = args.num_tasks
+  cfg["task_chunk"] = args.task_chunk
   cfg["steps"] = args.steps or (20 if jax.default_backend() == "gpu" else 10)
   cfg["warmup"] = args.warmup
   return cfg
@@ -145,12 +149,19 @@ def runs(method_names, levels):
   return out
 
 
-def make_trainer(model, tasks, method, optimizer, grad_level, cfg, mesh):
+def task_chunk_for(method, grad_level, cfg):
+  """``cfg["task_chunk"]`` where it applies (parameter level, ``from_gram``), else 0."""
+  chunk = cfg.get("task_chunk", 0)
+  ok = grad_level == "parameter" and method.level == "gradient" and method.from_gram is not None
+  return chunk if ok else 0
+
+
+def make_trainer(model, tasks, method, optimizer, grad_level, cfg, mesh, task_chunk=0):
   """The mtjax trainer of one (method, level) of a resolved setup."""
   return trainer_lib.make_trainer(model, tasks, method, optimizer,
                                   image_shape=(*cfg["image_size"], 3), batch_size=cfg["batch"],
                                   grad_level=grad_level, lookahead_lr=cfg["learning_rate"],
-                                  mesh=mesh)
+                                  mesh=mesh, task_chunk=task_chunk)
 
 
 def base_state(model, tasks, optimizer, cfg):
@@ -180,7 +191,8 @@ def time_one(name, level, model, tasks, optimizer, cfg, base, batches, mesh):
   state = fresh_state(base, model, method, len(tasks), grad_level, cfg)
   state = jax.block_until_ready(step_lib.replicate(state, mesh))  # one fresh buffer per leaf
   batch, meta_batch = batches
-  trainer = make_trainer(model, tasks, method, optimizer, grad_level, cfg, mesh)
+  trainer = make_trainer(model, tasks, method, optimizer, grad_level, cfg, mesh,
+                         task_chunk_for(method, grad_level, cfg))
   step = lambda s: trainer.step(s, batch, meta_batch if level == "meta" else None)
   start = time.perf_counter()
   state, _ = jax.block_until_ready(step(state))  # tracing, compilation and one step
@@ -206,6 +218,7 @@ def header(args, cfg, mesh):
       "backbone": cfg["backbone"], "output_stride": cfg["output_stride"],
       "head_hidden": cfg["head_hidden"], "dtype": cfg["dtype"],
       "optimizer": cfg["optimizer"], "num_tasks": cfg["num_tasks"],
+      "task_chunk": cfg["task_chunk"],
       "batch": cfg["batch"], "image_size": list(cfg["image_size"]),
       "warmup": cfg["warmup"], "steps": cfg["steps"],
       "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -25,6 +25,9 @@ def get_config(arg=None):
       "head_hidden": 64, "dtype": "float32"})
   config.weighting = weighting_config(arg or "ew")
   config.grad_level = "parameter"  # or "representation": where gradient methods act
+  # > 0: at the parameter level, the Gram matrix of a Gram-matrix method (mgda, imtl, ...) is
+  # computed this many tasks at a time (bounded memory for many tasks, one more backward pass).
+  config.task_chunk = 0
   # Meta-level methods (auto_lambda): the split their meta batches are drawn from (an
   # independent order); "validation" holds it out, but then validation metrics are not held out.
   config.meta_split = "train"

@@ -88,7 +88,8 @@ def make_trainer(cfg, exp: Experiment, mesh):
         batch_size=cfg.batch_size, grad_level=cfg.grad_level, frozen=optim.group_rules(
             cfg.optimizer)[1], lookahead_lr=exp.schedule, mesh=mesh,
         nonfinite=cfg.get("nonfinite", "stop"),
-        max_consecutive_skips=cfg.get("max_consecutive_skips", 10))
+        max_consecutive_skips=cfg.get("max_consecutive_skips", 10),
+        task_chunk=cfg.get("task_chunk", 0))
 
 
 def load_data(cfg, split: str, label_keys) -> dict:

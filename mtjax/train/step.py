@@ -9,6 +9,12 @@ is back-propagated through its own parameters only, and the T feature cotangents
 handed to the method (representation level: then one backward through the encoder) or pushed
 through the encoder by one ``jax.vmap`` over its VJP (parameter level). A model without a
 shared encoder (the general path) gets one ``jax.vmap`` over the VJP of its loss vector.
+With many tasks the parameter level can instead run in chunks (``gram_terms(chunk)``, used by
+:func:`balance` when ``task_chunk > 0`` for a method with ``from_gram``): task gradients are
+linear in the feature cotangents, ``g_t = V c_t`` with ``V`` the encoder's VJP and ``J = Vᵀ``
+its JVP, so ``G_ij = <c_i, J V c_j>`` comes from a ``jax.lax.map`` over chunks of tasks (a
+``vmap`` of ``V`` then ``J`` per chunk: at most ``chunk`` parameter-sized gradients alive) and
+the direction ``Σ_t w_t g_t = V(Σ_t w_t c_t)`` costs one more backward pass through the encoder.
 A task's own parameters get the gradient of ``Σ_t L_t`` under gradient-level methods (each sees
 only its own loss, as in LibMTL) and of ``Σ_t w_t L_t`` under loss-level ones.
 :func:`mtjax.train.trainer.make_trainer` composes these into the jitted step.
@@ -26,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mtjax.models import labels
 from mtjax.tasks import loss_and_parts
 from mtjax.train.state import Health, TrainState
+from mtjax.weighting.base import weighted_sum
 
 GRAD_LEVELS = ("parameter", "representation")
 
@@ -52,6 +59,29 @@ def has_shared_encoder(model) -> bool:
   return callable(getattr(model, "encode", None)) and callable(getattr(model, "decode", None))
 
 
+def check_task_chunk(model, method, grad_level: str, task_chunk: int) -> None:
+  """Raises ValueError unless the chunked parameter level (``task_chunk > 0``) applies."""
+  if not isinstance(task_chunk, int) or isinstance(task_chunk, bool) or task_chunk < 0:
+    raise ValueError(f"task_chunk: got {task_chunk!r}; expected an int >= 0 (0: no chunks)")
+  if task_chunk == 0:
+    return
+  if grad_level != "parameter":
+    raise ValueError(
+        f"task_chunk: got {task_chunk} with grad_level={grad_level!r}; chunks of tasks are for "
+        "the parameter level (the representation level never holds T copies of the "
+        "backbone's gradient): set task_chunk=0")
+  if not has_shared_encoder(model):
+    raise ValueError(
+        f"task_chunk: got {task_chunk}, but {type(model).__name__} has no shared encoder, and "
+        "the chunked Gram matrix needs one (task gradients linear in the feature "
+        "cotangents): set task_chunk=0")
+  if method.level != "gradient" or getattr(method, "from_gram", None) is None:
+    raise ValueError(
+        f"task_chunk: got {task_chunk}, but the weighting method (level {method.level!r}) has "
+        "no 'from_gram' (weights from the Gram matrix alone), which chunks need: set "
+        "task_chunk=0 or use a Gram-matrix method (mgda, imtl, cagrad, nash_mtl, upgrad, ...)")
+
+
 def check_grad_level(model, grad_level: str) -> None:
   """Raises ValueError unless ``model`` supports ``grad_level``."""
   if grad_level not in GRAD_LEVELS:
@@ -72,6 +102,10 @@ class TaskTerms(NamedTuple):
   batch_stats: Any           # the batch statistics after this pass
   combine: Callable          # weights (T,) -> ∇ Σ_t w_t L_t of every parameter
   per_task: Callable         # () -> (task grads with a leading T axis, finish)
+  # chunk -> (the (T, T) Gram matrix of the shared parameters' task gradients, computed
+  # `chunk` tasks at a time, and finish: weights (T,) -> every parameter's gradient with the
+  # shared part Σ_t w_t g_t); None without a shared encoder.
+  gram_terms: Callable | None = None
 
 
 def _tree_sum(trees):
@@ -146,8 +180,32 @@ def _encoder_terms(model, tasks, params, batch_stats, batch, grad_level, train, 
     (shared,) = jax.vmap(encode_vjp)(stacked)
     return shared, lambda direction: labels.merge(direction, head_grads)
 
+  def gram_terms(chunk):
+    head_grads, feature_grads = backward_heads(jnp.ones_like(losses))
+    head_grads = labels.merge(*head_grads)
+    stacked = _tree_stack(feature_grads)
+    # J, the encoder's JVP at these parameters, as the transpose of its (linear) VJP: it
+    # reuses the VJP's residuals, no second forward pass.
+    jvp = jax.linear_transpose(lambda c: encode_vjp(c)[0], features)
+
+    def gram_row(cotangent):  # c_j -> (<c_i, J V c_j>)_i
+      (pushed,) = jvp(encode_vjp(cotangent)[0])
+      return sum(jnp.einsum("i...,...->i", c.astype(jnp.float32), p.astype(jnp.float32),
+                            precision=jax.lax.Precision.HIGHEST)
+                 for c, p in zip(jax.tree_util.tree_leaves(stacked),
+                                 jax.tree_util.tree_leaves(pushed), strict=True))
+
+    rows = jax.lax.map(gram_row, stacked, batch_size=chunk)
+    gram = 0.5 * (rows + rows.T)
+
+    def finish(weights):
+      (direction,) = encode_vjp(weighted_sum(stacked, weights))
+      return labels.merge(direction, head_grads)
+
+    return gram, finish
+
   return TaskTerms(losses, parts, outputs, labels.merge(new_stats, *task_stats), combine,
-                   per_task)
+                   per_task, gram_terms)
 
 
 def _joint_terms(model, tasks, params, batch_stats, batch, grad_level, train, trainable):
@@ -181,8 +239,18 @@ def _joint_terms(model, tasks, params, batch_stats, batch, grad_level, train, tr
   return TaskTerms(losses, parts, outputs, new_stats, combine, per_task)
 
 
-def balance(terms: TaskTerms, method, weighting_state, key):
-  """``(gradient of every parameter, new weighting state, task weights)`` under ``method``."""
+def balance(terms: TaskTerms, method, weighting_state, key, task_chunk: int = 0):
+  """``(gradient of every parameter, new weighting state, task weights)`` under ``method``.
+
+  ``task_chunk > 0`` (a gradient-level ``method`` with ``from_gram``, an encoder model, the
+  parameter level; see :func:`check_task_chunk`): the Gram matrix is computed ``task_chunk``
+  tasks at a time and the direction by one more backward pass (``terms.gram_terms``).
+  """
+  if task_chunk and method.level == "gradient":
+    gram, finish = terms.gram_terms(task_chunk)
+    weights, weighting_state = method.from_gram(gram, weighting_state, losses=terms.losses,
+                                                key=key)
+    return finish(weights), weighting_state, weights
   if method.level == "loss":
     _, weighting_state, weights = method.update(None, weighting_state, losses=terms.losses,
                                                 key=key)

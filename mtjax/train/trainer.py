@@ -27,6 +27,7 @@ from mtjax.train.step import (
     apply_gradients,
     balance,
     check_grad_level,
+    check_task_chunk,
     make_mesh,
     task_terms,
 )
@@ -60,7 +61,7 @@ def gradient_like(model, params, batch_stats, *, grad_level, image_shape, batch_
 def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch_size: int,
                  grad_level: str = "parameter", frozen=(), lookahead_lr=None, mesh=None,
                  donate: bool = True, nonfinite: str = "stop",
-                 max_consecutive_skips: int = 10) -> Trainer:
+                 max_consecutive_skips: int = 10, task_chunk: int = 0) -> Trainer:
   """The state factory and the jitted steps of one experiment.
 
   ``tasks`` maps names to :class:`mtjax.tasks.Task`; ``method`` is a weighting method;
@@ -72,9 +73,13 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
   ``meta.lookahead_lr`` is set (MOML, FORUM: their own inner rate). ``nonfinite``: ``"stop"``
   (record in ``state.health`` the first step whose losses, gradient or parameters are not
   finite) or ``"skip"`` (skip such updates; stop at ``max_consecutive_skips`` in a row), see
-  :func:`mtjax.train.step.apply_gradients`.
+  :func:`mtjax.train.step.apply_gradients`. ``task_chunk > 0``: at the parameter level, with a
+  method that has ``from_gram``, the Gram matrix of the task gradients is computed that many
+  tasks at a time (bounded memory for many tasks, one more backward pass; see
+  :func:`mtjax.train.step.balance`); 0 (default): all tasks at once.
   """
   check_grad_level(model, grad_level)
+  check_task_chunk(model, method, grad_level, task_chunk)
   if nonfinite not in NONFINITE_POLICIES:
     raise ValueError(f"nonfinite: got {nonfinite!r}; expected one of {NONFINITE_POLICIES}")
   if not (isinstance(max_consecutive_skips, int) and max_consecutive_skips >= 1):
@@ -122,7 +127,7 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
           model, tasks, method, state, terms, batch, meta_batch, alpha, key, frozen)
     else:
       terms = forward(state, batch)
-      grads, wstate, weights = balance(terms, method, state.weighting_state, key)
+      grads, wstate, weights = balance(terms, method, state.weighting_state, key, task_chunk)
     new_state, metrics = apply_gradients(state, optimizer, names, grads, wstate, terms, weights,
                                          nonfinite=nonfinite,
                                          max_consecutive_skips=max_consecutive_skips)

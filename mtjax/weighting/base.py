@@ -85,13 +85,18 @@ class MetaDirection(NamedTuple):
 
 
 class Method(NamedTuple):
-  """A task-balancing method: pure ``init``/``update``, the information ``level`` it needs, and
-  for a meta-level method its :class:`MetaSpec` (``None`` otherwise)."""
+  """A task-balancing method: pure ``init``/``update``, the information ``level`` it needs,
+  for a meta-level method its :class:`MetaSpec` (``None`` otherwise), and for a gradient-level
+  method whose direction is ``Σ_t w_t g_t`` with ``w`` a function of the Gram matrix only, that
+  function ``from_gram(gram, state, *, losses, key) -> (weights, state)`` (``None`` otherwise;
+  ``update`` is then :func:`gram_update` of it, and the train step may compute the Gram matrix
+  in chunks of tasks instead of stacking every task's gradient, see ``config.task_chunk``)."""
 
   init: Callable[..., Any]
   update: Callable[..., tuple[Any, Any, jax.Array]]
   level: str
   meta: MetaSpec | None = None
+  from_gram: Callable[..., tuple[jax.Array, Any]] | None = None
 
 
 class EmptyState(NamedTuple):
@@ -133,6 +138,21 @@ def weighted_sum(task_grads, weights: jax.Array):
                         precision=jax.lax.Precision.HIGHEST)
     return out.astype(g.dtype)
   return jax.tree_util.tree_map(leaf_sum, task_grads)
+
+
+def gram_update(from_gram):
+  """The ``update`` of a Gram-matrix method: ``from_gram`` on :func:`gram`, then
+  :func:`weighted_sum` with the weights it gives."""
+  def update(task_grads, state, *, losses=None, key=None):
+    weights, state = from_gram(gram(task_grads), state, losses=losses, key=key)
+    return weighted_sum(task_grads, weights), state, weights
+  return update
+
+
+def gram_method(init, from_gram) -> Method:
+  """A gradient-level :class:`Method` whose weights are ``from_gram(gram, state, *, losses,
+  key) -> (weights, state)``; its ``update`` is :func:`gram_update` of it."""
+  return Method(init, gram_update(from_gram), "gradient", None, from_gram)
 
 
 def tree_map_tasks(fn, task_grads):

@@ -20,6 +20,7 @@ import optax
 from mtjax.weighting.base import (
   Method,
   gram,
+  gram_method,
   num_tasks_of,
   safe_div,
   safe_sqrt,
@@ -35,9 +36,8 @@ def _mm(a, b):
   return jnp.matmul(a, b, precision=_HIGHEST)
 
 
-def _scaled_gram(task_grads) -> jax.Array:
-  """The Gram matrix divided by its largest diagonal entry (all zeros stay zeros)."""
-  g = gram(task_grads)
+def _scaled(g: jax.Array) -> jax.Array:
+  """The Gram matrix ``g`` divided by its largest diagonal entry (all zeros stay zeros)."""
   return safe_div(g, jnp.max(jnp.diag(g)))
 
 
@@ -97,15 +97,13 @@ def pcgrad() -> Method:
   """
   init = stateless_init
 
-  def update(task_grads, state, *, losses=None, key=None):
+  def from_gram(g, state, *, losses=None, key=None):
     del losses
     _require_key("pcgrad", key)
-    num_tasks = num_tasks_of(task_grads)
-    c = pcgrad_coefficients(_scaled_gram(task_grads), task_orders(key, num_tasks))
-    weights = jnp.sum(c, axis=0)
-    return weighted_sum(task_grads, weights), state, weights
+    c = pcgrad_coefficients(_scaled(g), task_orders(key, g.shape[0]))
+    return jnp.sum(c, axis=0), state
 
-  return Method(init, update, "gradient")
+  return gram_method(init, from_gram)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,16 +169,14 @@ def gradvac(beta: float = 0.5, ema_on_adjust_only: bool = False) -> Method:
     del grads_like
     return GradVacState(targets=jnp.zeros((num_tasks, num_tasks), jnp.float32))
 
-  def update(task_grads, state, *, losses=None, key=None):
+  def from_gram(g, state, *, losses=None, key=None):
     del losses
     _require_key("gradvac", key)
-    num_tasks = num_tasks_of(task_grads)
-    c, targets = gradvac_coefficients(_scaled_gram(task_grads), state.targets,
-                                      task_orders(key, num_tasks), beta, ema_on_adjust_only)
-    weights = jnp.sum(c, axis=0)
-    return weighted_sum(task_grads, weights), GradVacState(targets), weights
+    c, targets = gradvac_coefficients(_scaled(g), state.targets, task_orders(key, g.shape[0]),
+                                      beta, ema_on_adjust_only)
+    return jnp.sum(c, axis=0), GradVacState(targets)
 
-  return Method(init, update, "gradient")
+  return gram_method(init, from_gram)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,13 +267,12 @@ def aligned_mtl(scale_mode: str = "min") -> Method:
 
   init = stateless_init
 
-  def update(task_grads, state, *, losses=None, key=None):
+  def from_gram(g, state, *, losses=None, key=None):
     del losses, key
-    g = _scaled_gram(task_grads)
-    weights = _sum_if_zero(g, jnp.sum(aligned_mtl_matrix(g, scale_mode), axis=1))
-    return weighted_sum(task_grads, weights), state, weights
+    g = _scaled(g)
+    return _sum_if_zero(g, jnp.sum(aligned_mtl_matrix(g, scale_mode), axis=1)), state
 
-  return Method(init, update, "gradient")
+  return gram_method(init, from_gram)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,13 +318,12 @@ def con_fig() -> Method:
   """
   init = stateless_init
 
-  def update(task_grads, state, *, losses=None, key=None):
+  def from_gram(g, state, *, losses=None, key=None):
     del losses, key
-    g = _scaled_gram(task_grads)
-    weights = _sum_if_zero(g, con_fig_weights(g))
-    return weighted_sum(task_grads, weights), state, weights
+    g = _scaled(g)
+    return _sum_if_zero(g, con_fig_weights(g)), state
 
-  return Method(init, update, "gradient")
+  return gram_method(init, from_gram)
 
 
 # ---------------------------------------------------------------------------------------------

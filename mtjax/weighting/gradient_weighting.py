@@ -14,7 +14,7 @@ from mtjax.weighting.base import (
   TINY,
   Method,
   adam_step,
-  gram,
+  gram_method,
   num_tasks_of,
   safe_sqrt,
   stateless_init,
@@ -134,12 +134,11 @@ def imtl() -> Method:
   """
   init = stateless_init
 
-  def update(task_grads, state, *, losses, key=None):
+  def from_gram(g, state, *, losses=None, key=None):
     del losses, key
-    weights = imtl_weights(gram(task_grads))
-    return weighted_sum(task_grads, weights), state, weights
+    return imtl_weights(g), state
 
-  return Method(init, update, "gradient")
+  return gram_method(init, from_gram)
 
 
 class DBMTLState(NamedTuple):

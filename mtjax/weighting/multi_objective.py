@@ -18,12 +18,10 @@ from mtjax.weighting.base import (
   GRAM_TINY,
   EmptyState,
   Method,
-  gram,
-  num_tasks_of,
+  gram_method,
   safe_div,
   safe_sqrt,
   stateless_init,
-  weighted_sum,
 )
 
 MGDA_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
@@ -44,18 +42,17 @@ def mgda(normalization: str = "none", num_iters: int = 100) -> Method:
   if normalization not in MGDA_NORMALIZATIONS:
     raise ValueError(f"mgda: normalization={normalization!r}; allowed: {MGDA_NORMALIZATIONS}")
 
-  def update(task_grads, state, *, losses, key=None):
+  def from_gram(g, state, *, losses, key=None):
     del key
-    g = gram(task_grads)
     losses = jnp.asarray(losses, jnp.float32)
     norms = safe_sqrt(jnp.diag(g))
     n = {"none": jnp.ones_like(losses), "l2": norms, "loss": losses,
          "loss+": losses * norms}[normalization]
     inv = safe_div(1.0, n)
     weights = solvers.min_norm_weights(g * inv[:, None] * inv[None, :], num_iters)
-    return weighted_sum(task_grads, weights), state, weights
+    return weights, state
 
-  return Method(stateless_init, update, "gradient")
+  return gram_method(stateless_init, from_gram)
 
 
 def cagrad_weights(g: jax.Array, c: float, num_iters: int = 20,
@@ -102,9 +99,8 @@ def cagrad(c: float = 0.4, rescale: int = 1, num_iters: int = 20) -> Method:
   if c < 0:
     raise ValueError(f"cagrad: c={c!r} must be >= 0")
 
-  def update(task_grads, state, *, losses, key=None):
+  def from_gram(g, state, *, losses=None, key=None):
     del losses, key
-    g = gram(task_grads)
     t = g.shape[0]
     u = jnp.full((t,), 1.0 / t, jnp.float32)
     w = cagrad_weights(g, c, num_iters)
@@ -113,9 +109,9 @@ def cagrad(c: float = 0.4, rescale: int = 1, num_iters: int = 20) -> Method:
     lam = c * safe_div(g0_norm, gw_norm)
     weights = u + lam * w
     weights = weights / {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
-    return weighted_sum(task_grads, weights), state, weights
+    return weights, state
 
-  return Method(stateless_init, update, "gradient")
+  return gram_method(stateless_init, from_gram)
 
 
 class NashMTLState(NamedTuple):
@@ -172,18 +168,17 @@ def nash_mtl(max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: 
     return NashMTLState(alpha=jnp.ones((num_tasks,), jnp.float32),
                         step=jnp.zeros((), jnp.int32))
 
-  def update(task_grads, state, *, losses, key=None):
+  def from_gram(g, state, *, losses=None, key=None):
     del losses, key
-    g = gram(task_grads)
     fresh = nash_alpha(g, state.alpha, optim_niter, ridge)
     alpha = jnp.where(state.step % update_weights_every == 0, fresh, state.alpha)
     weights = alpha
     if max_norm > 0:
       norm = safe_sqrt(alpha @ solvers.symmetrize(g) @ alpha)
       weights = alpha * jnp.where(norm > max_norm, safe_div(max_norm, norm), 1.0)
-    return weighted_sum(task_grads, weights), NashMTLState(alpha, state.step + 1), weights
+    return weights, NashMTLState(alpha, state.step + 1)
 
-  return Method(init, update, "gradient")
+  return gram_method(init, from_gram)
 
 
 def _dual_cone_gram(g, norm_eps, reg_eps):
@@ -235,14 +230,14 @@ def upgrad(pref_vector=None, norm_eps: float = 1e-4, reg_eps: float = 1e-4,
   threshold), ``reg_eps=1e-4`` (ridge on the normalised ``G``). torchjd calls quadprog;
   this runs :func:`solvers.box_qp` for ``num_iters`` steps plus an exact active-set polish.
   """
-  def update(task_grads, state, *, losses, key=None):
+  def from_gram(g, state, *, losses=None, key=None):
     del losses, key
-    t = num_tasks_of(task_grads)
-    q = _dual_cone_gram(gram(task_grads), norm_eps, reg_eps)
-    weights = jnp.sum(project_weights(jnp.diag(_pref(pref_vector, t)), q, num_iters), axis=0)
-    return weighted_sum(task_grads, weights), state, weights
+    q = _dual_cone_gram(g, norm_eps, reg_eps)
+    weights = jnp.sum(project_weights(jnp.diag(_pref(pref_vector, g.shape[0])), q, num_iters),
+                      axis=0)
+    return weights, state
 
-  return Method(_check_pref("upgrad", pref_vector), update, "gradient")
+  return gram_method(_check_pref("upgrad", pref_vector), from_gram)
 
 
 def dualproj(pref_vector=None, norm_eps: float = 1e-4, reg_eps: float = 1e-4,
@@ -251,14 +246,13 @@ def dualproj(pref_vector=None, norm_eps: float = 1e-4, reg_eps: float = 1e-4,
   mean gradient projected onto the dual cone of the task gradients,
   ``w = argmin_{v >= u} vᵀ G v``, ``combined = Σ_t w_t g_t``. Defaults and solver as
   :func:`upgrad` (torchjd's ``DualProj``)."""
-  def update(task_grads, state, *, losses, key=None):
+  def from_gram(g, state, *, losses=None, key=None):
     del losses, key
-    t = num_tasks_of(task_grads)
-    q = _dual_cone_gram(gram(task_grads), norm_eps, reg_eps)
-    weights = project_weights(_pref(pref_vector, t), q, num_iters)
-    return weighted_sum(task_grads, weights), state, weights
+    q = _dual_cone_gram(g, norm_eps, reg_eps)
+    weights = project_weights(_pref(pref_vector, g.shape[0]), q, num_iters)
+    return weights, state
 
-  return Method(_check_pref("dualproj", pref_vector), update, "gradient")
+  return gram_method(_check_pref("dualproj", pref_vector), from_gram)
 
 
 def _clip_weights(weights, g, max_norm):
@@ -332,13 +326,11 @@ def fairgrad(alpha: float = 2.0, max_norm: float = 1.0, num_iters: int = 30,
   if alpha <= 0:
     raise ValueError(f"fairgrad: alpha={alpha!r} must be > 0")
 
-  def update(task_grads, state, *, losses, key=None):
+  def from_gram(g, state, *, losses=None, key=None):
     del losses, key
-    g = gram(task_grads)
-    weights = _clip_weights(fairgrad_weights(g, alpha, num_iters, ridge), g, max_norm)
-    return weighted_sum(task_grads, weights), state, weights
+    return _clip_weights(fairgrad_weights(g, alpha, num_iters, ridge), g, max_norm), state
 
-  return Method(stateless_init, update, "gradient")
+  return gram_method(stateless_init, from_gram)
 
 
 def sdmgrad_weights(g: jax.Array, lamda: float, num_iters: int = 100) -> jax.Array:
@@ -374,16 +366,14 @@ def sdmgrad(lamda: float = 0.3, max_norm: float = 1.0, num_iters: int = 100) -> 
   if lamda < 0:
     raise ValueError(f"sdmgrad: lamda={lamda!r} must be >= 0")
 
-  def update(task_grads, state, *, losses, key=None):
+  def from_gram(g, state, *, losses=None, key=None):
     del losses, key
-    g = gram(task_grads)
     t = g.shape[0]
     w = sdmgrad_weights(g, lamda, num_iters)
     weights = (w + lamda / t) / (1.0 + lamda)
-    weights = _clip_weights(weights, g, max_norm)
-    return weighted_sum(task_grads, weights), state, weights
+    return _clip_weights(weights, g, max_norm), state
 
-  return Method(stateless_init, update, "gradient")
+  return gram_method(stateless_init, from_gram)
 
 
 class ModoState(NamedTuple):
@@ -431,12 +421,12 @@ def modo(gamma: float = 1e-3, rho: float = 0.1) -> Method:
     del grads_like
     return ModoState(jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
 
-  def update(task_grads, state, *, losses=None, key=None):
+  def from_gram(g, state, *, losses=None, key=None):
     del losses, key
-    weights = modo_lambda_step(gram(task_grads), state.weights, gamma, rho)
-    return weighted_sum(task_grads, weights), ModoState(weights), weights
+    weights = modo_lambda_step(g, state.weights, gamma, rho)
+    return weights, ModoState(weights)
 
-  return Method(init, update, "gradient")
+  return gram_method(init, from_gram)
 
 
 METHODS = {

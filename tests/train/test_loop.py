@@ -57,6 +57,48 @@ def test_train_writes_everything_and_is_bitwise_reproducible(data_dir, tmp_path)
   assert out["test"] == again["test"]
 
 
+def test_one_compile_per_step_and_metrics_fetched_only_at_logging_steps(data_dir, tmp_path,
+                                                                        monkeypatch):
+  # Compilations: JAX's backend-compile event names the jitted function. Host reads of the
+  # train metrics: every jax.device_get of a metrics dict, tagged with the steps run so far.
+  compiled, fetched, steps_run = [], [], [0]
+
+  def on_duration(event, duration, **kwargs):
+    del duration
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(kwargs.get("fun_name", ""))
+
+  device_get = jax.device_get
+
+  def counting_device_get(tree):
+    if isinstance(tree, dict) and "grad_norm" in tree:
+      fetched.append(steps_run[0])
+    return device_get(tree)
+
+  make_trainer = loop.make_trainer
+
+  def counting_trainer(*args, **kwargs):
+    trainer = make_trainer(*args, **kwargs)
+    def step(*a, **k):
+      steps_run[0] += 1
+      return trainer.step(*a, **k)
+    return trainer._replace(step=step)
+
+  monkeypatch.setattr(jax, "device_get", counting_device_get)
+  monkeypatch.setattr(loop, "make_trainer", counting_trainer)
+  cfg = tiny_config(data_dir, num_steps=6, log_every=3, eval_every=2, checkpoint_every=2)
+  jax.monitoring.register_event_duration_secs_listener(on_duration)
+  try:
+    loop.train(cfg, str(tmp_path), progress=False)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_duration)
+  # Validation at steps 2 and 4, and the final report (validation and test): one eval compile.
+  assert compiled.count("jit(step)") == 1, compiled
+  assert compiled.count("jit(evaluate)") == 1, compiled
+  assert steps_run[0] == 6
+  assert fetched == [3, 6]
+
+
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(data_dir, tmp_path):
   cfg = tiny_config(data_dir, method="famo")  # a stateful method: its state must resume too
   loop.train(cfg, str(tmp_path / "full"), progress=False)
@@ -95,6 +137,7 @@ def test_foreign_checkpoint_is_refused_and_kept(data_dir, tmp_path):
     ("model.backbone", "vgg16", r"config.model.backbone.*'vgg16'.*resnet18"),
     ("dataset.name", "imagenet", r"config.dataset.name.*'imagenet'.*shapes"),
     ("grad_level", "layer", r"config.grad_level.*'layer'"),
+    ("task_chunk", 2, r"config.task_chunk: got 2.*no 'from_gram'"),
     ("batch_size", 12, r"config.batch_size.*12.*multiple of the number of devices \(8\)"),
     ("baselines", {"depth": {"miou": 0.5}}, r"baselines.depth.miou"),
 ])
