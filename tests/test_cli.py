@@ -99,3 +99,22 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, case, args, message):
                    *args, *TINY, "--verbose", env=env)
     assert again.returncode == 2 and "Traceback" in again.stderr
     assert _error_line(again) == _error_line(run)
+
+
+@pytest.mark.parametrize("case,command,message", [
+    ("eval without checkpoint", ["eval", "--config", "experiments/configs/shapes.py",
+                                 "--workdir", "EMPTY"], "has no checkpoint to evaluate"),
+    ("workdir missing", ["train", "--config", "experiments/configs/shapes.py"],
+     "--config and --workdir are required"),
+    ("stray argument", ["train", "--config", "experiments/configs/shapes.py", "--workdir",
+                        "EMPTY", "extra"], "unexpected arguments"),
+])
+def test_command_errors_print_one_line_and_exit_2(tmp_path, case, command, message):
+  (tmp_path / "EMPTY").mkdir()
+  env = {**os.environ, "MTJAX_DATA_DIR": str(tmp_path / "data"), "JAX_PLATFORMS": "cpu"}
+  command = [str(tmp_path / a) if a == "EMPTY" else a for a in command]
+  run = _mtjax(*command, env=env)
+  assert run.returncode == 2, (case, run.stderr[-3000:])
+  line = _error_line(run)
+  assert line.startswith("mtjax: error: ") and message in line, (case, run.stderr[-2000:])
+  assert "Traceback" not in run.stderr, case

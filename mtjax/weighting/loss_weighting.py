@@ -429,8 +429,8 @@ def go4align(num_groups: int = 1, robust_step_size: float = 1e-4) -> Method:
   def update(task_grads, state, *, losses, key=None):
     del key
     losses = jnp.asarray(losses, jnp.float32)
-    probs = state.probs * jnp.exp(-robust_step_size * losses)
-    probs = probs / jnp.sum(probs)
+    # p ⊙ exp(-η L) / Σ(·) in log space: exp(-η L) underflows to 0 for every task at large L.
+    probs = jax.nn.softmax(jnp.log(state.probs) - robust_step_size * losses)
     gamma = jnp.sum(losses) / jnp.maximum(losses, 1e-20) * probs
     weights = kmeans_1d(gamma, num_groups)
     return combine_or_none(task_grads, weights), GO4AlignState(probs), weights
