@@ -468,12 +468,7 @@ def main(argv=None):
   table = markdown(info, rows)
   print(table, flush=True)
   if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    prefix = os.path.join(args.out, f"compare_torch_{args.setup}")
-    with open(prefix + ".json", "w") as f:
-      json.dump(result, f, indent=2)
-    with open(prefix + ".md", "w") as f:
-      f.write(table)
+    step_time.write_result(os.path.join(args.out, f"compare_torch_{args.setup}"), result, table)
   return result
 
 

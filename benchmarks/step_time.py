@@ -306,13 +306,17 @@ def main(argv=None):
   table = markdown(info, rows)
   print(table, flush=True)
   if args.out:
-    prefix = args.out[:-5] if args.out.endswith(".json") else args.out
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    with open(prefix + ".json", "w") as f:
-      json.dump(result, f, indent=2)
-    with open(prefix + ".md", "w") as f:
-      f.write(table)
+    write_result(args.out[:-5] if args.out.endswith(".json") else args.out, result, table)
   return result
+
+
+def write_result(prefix: str, result: dict, table: str) -> None:
+  """``<prefix>.json`` (the whole result) and ``<prefix>.md`` (the table)."""
+  os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+  with open(prefix + ".json", "w") as f:
+    json.dump(result, f, indent=2)
+  with open(prefix + ".md", "w") as f:
+    f.write(table)
 
 
 if __name__ == "__main__":

@@ -73,3 +73,14 @@ def tiny_config(data_dir, **overrides):
       target = target[part]
     target[last] = value
   return cfg
+
+
+def read_log(workdir):
+  """The records of ``workdir/metrics.jsonl`` without the wall-clock ``steps_per_sec``."""
+  import json
+  import os
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  for r in records:
+    r.pop("steps_per_sec", None)
+  return records

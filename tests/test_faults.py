@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mtjax import checkpoint
+from tests.helpers import read_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "experiments/configs/shapes.py"
@@ -60,11 +61,7 @@ def _state(workdir):
 
 
 def _log(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
-  for r in records:
-    r.pop("steps_per_sec", None)
-  return records
+  return read_log(workdir)
 
 
 def _assert_same_run(a, b):

@@ -1,6 +1,5 @@
 """The loop: end to end on a tiny build, bitwise reproducibility, exact resume, early errors."""
 
-import json
 import os
 
 import jax
@@ -9,7 +8,7 @@ import pytest
 
 from mtjax import checkpoint
 from mtjax.train import loop
-from tests.helpers import tiny_config
+from tests.helpers import read_log, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +24,7 @@ def _params(workdir):
 
 
 def _log(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
-  for r in records:
-    r.pop("steps_per_sec", None)
-  return records
+  return read_log(workdir)
 
 
 def _assert_bitwise_equal(a, b):
