@@ -97,8 +97,8 @@ def _reason(error: BaseException) -> str:
   return f"{type(error).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
 
 
-def restore_newest(directory: str, target, *, newest: int | None = None, warn=print):
-  """``(state, metadata, step)`` of the newest checkpoint (at most ``newest``) that reads back.
+def restore_newest(directory: str, target, *, warn=print):
+  """``(state, metadata, step)`` of the newest checkpoint that reads back.
 
   Each candidate's metadata and arrays are read (a truncated or missing file raises) and its
   arrays checked finite. When the newest cannot be read, ``warn`` is told which step and why,
@@ -108,9 +108,6 @@ def restore_newest(directory: str, target, *, newest: int | None = None, warn=pr
   """
   failed = []
   for step in all_steps(directory):
-    if newest is not None and step > newest:
-      failed.append((step, "its metadata cannot be read"))
-      continue
     try:
       state, metadata = restore(directory, step, target)
       if int(jax.device_get(state.step)) != step:

@@ -84,3 +84,15 @@ def read_log(workdir):
   for r in records:
     r.pop("steps_per_sec", None)
   return records
+
+
+def restore_latest(workdir):
+  """``(step, state dict)`` of the newest checkpoint of ``workdir``, read as orbax wrote it."""
+  import os
+
+  import orbax.checkpoint as ocp
+
+  from mtjax import checkpoint
+  ckpt = os.path.join(workdir, "checkpoints")
+  step = checkpoint.latest_step(ckpt)
+  return step, ocp.StandardCheckpointer().restore(os.path.join(ckpt, str(step), "state"))

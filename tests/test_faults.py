@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mtjax import checkpoint
-from tests.helpers import read_log
+from tests.helpers import read_log, restore_latest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "experiments/configs/shapes.py"
@@ -55,9 +55,7 @@ def reference(env, tmp_path_factory):
 
 
 def _state(workdir):
-  ckpt = os.path.join(workdir, "checkpoints")
-  step = checkpoint.latest_step(ckpt)
-  return step, ocp.StandardCheckpointer().restore(os.path.join(ckpt, str(step), "state"))
+  return restore_latest(workdir)
 
 
 def _log(workdir):

@@ -63,7 +63,8 @@ def build(cfg) -> Experiment:
   with _building("weighting"):
     method = weighting.get(cfg.weighting.name, **config_lib.weighting_kwargs(cfg))
   with _building():
-    optim.check_groups(cfg.optimizer, _groups(model, cfg))
+    if any(optim.group_rules(cfg.optimizer)):  # the groups cost a trace of the model
+      optim.check_groups(cfg.optimizer, _groups(model, cfg))
     optimizer = optim.make_optimizer(cfg.optimizer, cfg.num_steps,
                                      functools.partial(labels.label_tree, model))
     schedule = optim.make_schedule(cfg.optimizer, cfg.num_steps)
@@ -140,7 +141,7 @@ def check_workdir(cfg, workdir: str) -> int | None:
 
 
 def initial_state(cfg, trainer, workdir: str, step: int | None):
-  """A fresh state seeded by ``cfg.seed``, or the newest readable checkpoint up to ``step``.
+  """A fresh state seeded by ``cfg.seed``, or the newest readable checkpoint if ``step`` is set.
 
   A newer checkpoint that cannot be read is reported and moved aside
   (:func:`mtjax.checkpoint.restore_newest`).

@@ -171,19 +171,20 @@ def _encoder_terms(model, tasks, params, batch_stats, batch, grad_level, train, 
     (shared_grads,) = encode_vjp(_tree_sum(feature_grads))
     return labels.merge(shared_grads, *head_grads)
 
-  def per_task():
+  def task_cotangents():
+    """Each task's feature cotangent, stacked, and the heads' gradients of Σ_t L_t."""
     head_grads, feature_grads = backward_heads(jnp.ones_like(losses))
-    head_grads = labels.merge(*head_grads)
-    stacked = _tree_stack(feature_grads)
+    return _tree_stack(feature_grads), labels.merge(*head_grads)
+
+  def per_task():
+    stacked, head_grads = task_cotangents()
     if grad_level == "representation":
       return stacked, lambda direction: labels.merge(encode_vjp(direction)[0], head_grads)
     (shared,) = jax.vmap(encode_vjp)(stacked)
     return shared, lambda direction: labels.merge(direction, head_grads)
 
   def gram_terms(chunk):
-    head_grads, feature_grads = backward_heads(jnp.ones_like(losses))
-    head_grads = labels.merge(*head_grads)
-    stacked = _tree_stack(feature_grads)
+    stacked, head_grads = task_cotangents()
     # J, the encoder's JVP at these parameters, as the transpose of its (linear) VJP: it
     # reuses the VJP's residuals, no second forward pass.
     jvp = jax.linear_transpose(lambda c: encode_vjp(c)[0], features)
@@ -267,6 +268,14 @@ def balance(terms: TaskTerms, method, weighting_state, key, task_chunk: int = 0)
 NONFINITE_POLICIES = ("stop", "skip")
 
 
+def check_nonfinite_policy(nonfinite: str, max_consecutive_skips: int) -> None:
+  """Raises ValueError unless ``nonfinite`` is a policy and ``max_consecutive_skips`` >= 1."""
+  if nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f"nonfinite: got {nonfinite!r}; expected one of {NONFINITE_POLICIES}")
+  if not (isinstance(max_consecutive_skips, int) and max_consecutive_skips >= 1):
+    raise ValueError(f"max_consecutive_skips: got {max_consecutive_skips!r}; expected an int >= 1")
+
+
 def all_finite(tree) -> jax.Array:
   """Whether every floating-point entry of ``tree`` is finite: a bool scalar, on device."""
   checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
@@ -284,8 +293,7 @@ def check_health(health: Health, step, losses, grad_ok, params_ok, *, nonfinite:
   the run stops at the ``max_consecutive_skips``-th skip in a row. What was not finite is kept
   for the step the run stops at (see :class:`mtjax.train.state.Health`).
   """
-  if nonfinite not in NONFINITE_POLICIES:
-    raise ValueError(f"nonfinite: got {nonfinite!r}; expected one of {NONFINITE_POLICIES}")
+  check_nonfinite_policy(nonfinite, max_consecutive_skips)
   losses_ok = jnp.isfinite(losses)
   ok = jnp.all(losses_ok) & grad_ok & params_ok
   streak = jnp.where(ok, 0, health.streak + 1).astype(jnp.int32)

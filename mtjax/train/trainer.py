@@ -23,10 +23,10 @@ from mtjax.models import labels
 from mtjax.train import meta as meta_lib
 from mtjax.train.state import TrainState, healthy
 from mtjax.train.step import (
-    NONFINITE_POLICIES,
     apply_gradients,
     balance,
     check_grad_level,
+    check_nonfinite_policy,
     check_task_chunk,
     make_mesh,
     task_terms,
@@ -80,10 +80,7 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
   """
   check_grad_level(model, grad_level)
   check_task_chunk(model, method, grad_level, task_chunk)
-  if nonfinite not in NONFINITE_POLICIES:
-    raise ValueError(f"nonfinite: got {nonfinite!r}; expected one of {NONFINITE_POLICIES}")
-  if not (isinstance(max_consecutive_skips, int) and max_consecutive_skips >= 1):
-    raise ValueError(f"max_consecutive_skips: got {max_consecutive_skips!r}; expected an int >= 1")
+  check_nonfinite_policy(nonfinite, max_consecutive_skips)
   own_lr = method.meta is not None and method.meta.lookahead_lr is not None
   if method.level == "meta" and lookahead_lr is None and not own_lr:
     raise ValueError("lookahead_lr: a meta-level method needs the learning rate of its "

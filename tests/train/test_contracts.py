@@ -2,7 +2,6 @@
 loss parts and host-side evaluators."""
 
 import json
-import os
 
 import flax.linen as nn
 import jax
@@ -18,7 +17,7 @@ from mtjax.tasks.base import Evaluator, Task
 from mtjax.train import loop
 from mtjax.train import step as step_lib
 from mtjax.train.trainer import make_trainer
-from tests.helpers import tiny_config
+from tests.helpers import restore_latest, tiny_config
 
 RNG = np.random.default_rng(0)
 
@@ -210,12 +209,7 @@ def data_dir(tmp_path_factory):
 
 
 def _restore(workdir):
-  import orbax.checkpoint as ocp
-
-  from mtjax import checkpoint
-  step = checkpoint.latest_step(os.path.join(workdir, "checkpoints"))
-  return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step),
-                                                         "state"))
+  return restore_latest(workdir)[1]
 
 
 def _leaves_equal(a, b):

@@ -1,6 +1,5 @@
 """The loop: end to end on a tiny build, bitwise reproducibility, exact resume, early errors."""
 
-import os
 
 import jax
 import numpy as np
@@ -8,7 +7,7 @@ import pytest
 
 from mtjax import checkpoint
 from mtjax.train import loop
-from tests.helpers import read_log, tiny_config
+from tests.helpers import read_log, restore_latest, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -17,10 +16,7 @@ def data_dir(tmp_path_factory):
 
 
 def _params(workdir):
-  cfg_step = checkpoint.latest_step(os.path.join(workdir, "checkpoints"))
-  mngr_dir = os.path.join(workdir, "checkpoints", str(cfg_step), "state")
-  import orbax.checkpoint as ocp
-  return ocp.StandardCheckpointer().restore(mngr_dir)
+  return restore_latest(workdir)[1]
 
 
 def _log(workdir):
