@@ -1,7 +1,9 @@
-"""Loading a split of an embedded dataset into memory as stacked numpy arrays.
+"""The dataset registry: each dataset opens a split as a random-access :class:`Source`.
 
-The dataset is built once into the TFDS data dir (``data_dir``, else ``$MTJAX_DATA_DIR``, else
-``~/tensorflow_datasets``) and then read through its ArrayRecord data source.
+The embedded dataset is built once into the TFDS data dir (``data_dir``, else
+``$MTJAX_DATA_DIR``, else ``~/tensorflow_datasets``) and read through its ArrayRecord data
+source (whole into memory: it is small). Datasets on disk (NYUv2, Cityscapes) are read from
+``data_dir``, else ``$MTJAX_DATA_DIR/<name>``, one example at a time (``mtjax.data.sources``).
 """
 
 import contextlib
@@ -11,21 +13,21 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mtjax.data import shapes, shapes_tfds
+from mtjax.data import shapes, shapes_tfds, sources
 
 
 class DatasetSpec(NamedTuple):
   """What a registered dataset offers."""
-  make_builder: object         # (image_size, split_sizes, data_dir) -> tfds builder
-  decode: object               # stored example -> arrays in the renderer's dtypes
+  open: object                 # (split, image_size, data_dir, split_sizes) -> sources.Source
   class_names: tuple
   tasks: dict                  # task name -> its options (e.g. {"num_classes": 5})
   splits: tuple
-  image_sizes: tuple           # the predefined configs (any size in SIZE_RANGE may be built)
+  image_sizes: tuple           # the predefined sizes (the embedded one builds any in SIZE_RANGE)
+  in_memory: bool = False      # read whole into memory (small), else lazily, batch by batch
+  layout: str = ""             # the files expected in data_dir (for errors and docs)
 
 
 SIZE_RANGE = (8, 1024)         # allowed image height / width, inclusive
-_READ_CHUNK = 256              # examples per bulk read
 
 
 def _make_shapes_builder(image_size, split_sizes, data_dir):
@@ -36,10 +38,37 @@ def _make_shapes_builder(image_size, split_sizes, data_dir):
   return shapes_tfds.MtjaxShapes(config=config, data_dir=data_dir)
 
 
+def _open_shapes(split, image_size, data_dir, split_sizes):
+  with _quiet_absl():
+    builder = _make_shapes_builder(image_size, split_sizes, data_dir)
+    builder.download_and_prepare()
+    source = builder.as_data_source(split)
+  return sources.Source(
+      len(source), lambda i: shapes_tfds.decode_example(source[i]),
+      lambda keys: [shapes_tfds.decode_example(e) for e in source.__getitems__(keys)])
+
+
+def _open_preprocessed(**options):
+  def open_split(split, image_size, data_dir, split_sizes):
+    del image_size, split_sizes   # fixed by the files
+    return sources.preprocessed_source(data_dir, split, **options)
+  return open_split
+
+
+def _open_cityscapes_official(split, image_size, data_dir, split_sizes):
+  del split_sizes
+  return sources.cityscapes_official_source(data_dir, split, image_size=image_size)
+
+
+NYUV2_CLASSES = ("bed", "books", "ceiling", "chair", "floor", "furniture", "objects", "picture",
+                 "sofa", "table", "tv", "wall", "window")   # the 13 classes of Couprie et al.
+CITYSCAPES_7_CLASSES = ("void", "flat", "construction", "object", "nature", "sky", "human+vehicle")
+_SPLITS = ("train", "validation", "test")
+
 DATASETS = {
     "shapes": DatasetSpec(
-        make_builder=_make_shapes_builder,
-        decode=shapes_tfds.decode_example,
+        open=_open_shapes,
+        in_memory=True,
         class_names=shapes.CLASS_NAMES,
         tasks={
             "segmentation": {"num_classes": shapes.NUM_CLASSES},      # background included
@@ -52,6 +81,34 @@ DATASETS = {
         splits=tuple(shapes_tfds.SPLIT_IDS),
         image_sizes=tuple((c.height, c.width) for c in shapes_tfds.MtjaxShapes.BUILDER_CONFIGS),
     ),
+    # Liu et al. 2019 (MTAN) / LibMTL: the 795/654 split, 288x384, 13 classes.
+    "nyuv2": DatasetSpec(
+        open=_open_preprocessed(num_classes=13, normals=True),
+        class_names=NYUV2_CLASSES,
+        tasks={"segmentation": {"num_classes": 13}, "depth": {}, "normals": {}},
+        splits=_SPLITS, image_sizes=((288, 384),),
+        layout=sources.preprocessed_layout(("label",), normals=True)),
+    # MTAN's 128x256 release (label_7/, label_19/) or LibMTL's (label/, 7 classes); (inverse) depth.
+    "cityscapes": DatasetSpec(
+        open=_open_preprocessed(num_classes=7, label_dirs=("label_7", "label")),
+        class_names=CITYSCAPES_7_CLASSES,
+        tasks={"segmentation": {"num_classes": 7}, "depth": {}},
+        splits=_SPLITS, image_sizes=((128, 256),),
+        layout=sources.preprocessed_layout(("label_7", "label"), normals=False)),
+    "cityscapes_19": DatasetSpec(
+        open=_open_preprocessed(num_classes=19, label_dirs=("label_19",)),
+        class_names=sources.CITYSCAPES_CLASSES,
+        tasks={"segmentation": {"num_classes": 19}, "depth": {}},
+        splits=_SPLITS, image_sizes=((128, 256),),
+        layout=sources.preprocessed_layout(("label_19",), normals=False)),
+    # The official release: 19 train ids, depth from disparity, boxes of the thing instances.
+    "cityscapes_official": DatasetSpec(
+        open=_open_cityscapes_official,
+        class_names=sources.CITYSCAPES_CLASSES,
+        tasks={"segmentation": {"num_classes": 19}, "depth": {},
+               "detection": {"num_classes": len(sources.CITYSCAPES_THING_IDS)}},
+        splits=_SPLITS, image_sizes=((1024, 2048), (512, 1024), (256, 512), (128, 256)),
+        layout=sources.OFFICIAL_LAYOUT),
 }
 
 
@@ -81,13 +138,19 @@ def _quiet_absl():
     logger.setLevel(level)
 
 
-def load_split(name: str, split: str, *, image_size=(64, 64), data_dir=None,
-               num_examples=None, split_sizes=None) -> dict[str, np.ndarray]:
-  """The first ``num_examples`` (default: all) examples of ``split``, stacked along axis 0.
+def _data_dir(name, data_dir):
+  if data_dir:
+    return data_dir
+  root = os.environ.get("MTJAX_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+  return root if _spec(name).in_memory else os.path.join(root, name)
 
-  Builds the dataset into ``data_dir`` first if it is not there. ``split_sizes`` (e.g.
-  ``{"train": 8}``) selects a build with other split sizes than the defaults. Arrays have the
-  renderer's dtypes (``image`` float32 in [0, 1], ids int32, see ``mtjax.data.shapes``).
+
+def open_split(name: str, split: str, *, image_size=(64, 64), data_dir=None,
+               split_sizes=None) -> sources.Source:
+  """A random-access :class:`~mtjax.data.sources.Source` over ``split`` (nothing read yet).
+
+  The embedded dataset is built into ``data_dir`` first if it is not there; a dataset on disk
+  that is missing raises FileNotFoundError naming the folder and the layout expected.
   """
   spec = _spec(name)
   if split not in spec.splits:
@@ -97,25 +160,24 @@ def load_split(name: str, split: str, *, image_size=(64, 64), data_dir=None,
       or not all(isinstance(s, (int, np.integer)) and lo <= s <= hi for s in image_size)):
     raise ValueError(f"image_size: got {image_size!r}, allowed: (height, width) ints in "
                      f"[{lo}, {hi}], e.g. the predefined {list(spec.image_sizes)}")
-  if data_dir is None:
-    data_dir = os.environ.get("MTJAX_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
-  with _quiet_absl():
-    builder = spec.make_builder(tuple(int(s) for s in image_size), split_sizes, data_dir)
-    builder.download_and_prepare()
-    source = builder.as_data_source(split)
-  total = len(source)
+  return spec.open(split, tuple(int(s) for s in image_size), _data_dir(name, data_dir),
+                   split_sizes)
+
+
+def load_split(name: str, split: str, *, image_size=(64, 64), data_dir=None,
+               num_examples=None, split_sizes=None) -> dict[str, np.ndarray]:
+  """The first ``num_examples`` (default: all) examples of ``split``, stacked along axis 0.
+
+  Builds the dataset into ``data_dir`` first if it is not there. ``split_sizes`` (e.g.
+  ``{"train": 8}``) selects a build with other split sizes than the defaults. Arrays have the
+  renderer's dtypes (``image`` float32 in [0, 1], ids int32, see ``mtjax.data.shapes``).
+  """
+  source = open_split(name, split, image_size=image_size, data_dir=data_dir,
+                      split_sizes=split_sizes)
+  total = source.size
   if num_examples is None:
     num_examples = total
   if not isinstance(num_examples, (int, np.integer)) or not 0 < num_examples <= total:
     raise ValueError(f"num_examples: got {num_examples!r}, allowed: an int in [1, {total}] "
                      f"(the size of {name!r} {split!r})")
-  out = None
-  for start in range(0, num_examples, _READ_CHUNK):
-    keys = list(range(start, min(start + _READ_CHUNK, num_examples)))
-    for i, example in zip(keys, source.__getitems__(keys), strict=True):
-      example = spec.decode(example)
-      if out is None:
-        out = {k: np.empty((num_examples, *v.shape), v.dtype) for k, v in example.items()}
-      for k, v in example.items():
-        out[k][i] = v
-  return out
+  return sources.read_all(source, num_examples)

@@ -1,11 +1,33 @@
 """The input pipeline: batches as a pure function of (seed, step), so resuming is exact.
 
-The whole split lives in host memory (the embedded dataset is small); the order within an
-epoch is a permutation drawn from ``(seed, epoch)``, and the batch of step ``s`` is slice
-``s mod steps_per_epoch`` of epoch ``s // steps_per_epoch`` (the remainder is dropped).
+The data is either arrays in memory (the embedded dataset, read whole) or a random-access
+:class:`mtjax.data.sources.Source` read lazily, batch by batch. The order within an epoch is a
+permutation drawn from ``(seed, epoch)``; the batch of step ``s`` is slice
+``s mod steps_per_epoch`` of epoch ``s // steps_per_epoch`` (the remainder is dropped), and
+each process of a multi-host run reads only its contiguous share of it (``jax.process_index``
+/ ``process_count``; the step then splits it over the local devices). The random
+augmentation of an example is drawn from ``(seed, epoch, index)``: no worker holds state, so
+the pipeline's whole position is its step (:func:`position`, saved in each checkpoint), and
+reading ahead in worker threads (:func:`batches`) changes no value.
 """
 
+import concurrent.futures
+from collections import deque
+
 import numpy as np
+
+from mtjax.data import sources
+
+# Keys a dataset may add to its labels: per-example masks of missing labels (``<task>_mask``)
+# and the normals' own validity (NYUv2); the tasks read them when present.
+OPTIONAL_KEYS = ("normals_valid",)
+
+
+def size(data) -> int:
+  """The number of examples of arrays in memory or of a source."""
+  if isinstance(data, sources.Source):
+    return data.size
+  return len(next(iter(data.values())))
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -15,29 +37,123 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return num_examples // batch_size
 
 
-def position(step: int, num_examples: int, batch_size: int) -> dict:
-  """The pipeline position of ``step``: ``{"epoch", "batch_in_epoch"}``."""
+def position(step: int, num_examples: int, batch_size: int, seed: int | None = None,
+             process_count: int = 1) -> dict:
+  """The pipeline position of ``step``: ``{"epoch", "batch_in_epoch", ...}``, JSON-ready.
+
+  With ``seed`` it also records what the order depends on (seed, split size, batch size,
+  process count), which :func:`resume_step` checks.
+  """
   per_epoch = steps_per_epoch(num_examples, batch_size)
-  return {"epoch": int(step) // per_epoch, "batch_in_epoch": int(step) % per_epoch}
+  pos = {"epoch": int(step) // per_epoch, "batch_in_epoch": int(step) % per_epoch}
+  if seed is not None:
+    pos.update(step=int(step), seed=int(seed), num_examples=int(num_examples),
+               batch_size=int(batch_size), process_count=int(process_count))
+  return pos
 
 
-def train_batch(arrays: dict, *, seed: int, step: int, batch_size: int) -> dict:
-  """The training batch of ``step``: a deterministic function of (seed, epoch, step)."""
-  num_examples = len(next(iter(arrays.values())))
+def resume_step(pos: dict, num_examples: int, batch_size: int, seed: int,
+                process_count: int = 1) -> int:
+  """The step to continue from at a saved :func:`position`; ValueError if the order changed."""
+  now = {"seed": seed, "num_examples": num_examples, "batch_size": batch_size,
+         "process_count": process_count}
+  changed = {k: (pos[k], v) for k, v in now.items() if k in pos and pos[k] != v}
+  if changed:
+    raise ValueError("the saved input pipeline position is of another order: "
+                     + ", ".join(f"{k} saved {a}, now {b}" for k, (a, b) in changed.items()))
+  return pos["epoch"] * steps_per_epoch(num_examples, batch_size) + pos["batch_in_epoch"]
+
+
+def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  """The permutation of the split in ``epoch``: a pure function of ``(seed, epoch)``."""
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def batch_indices(num_examples: int, *, seed: int, step: int, batch_size: int,
+                  process_index: int = 0, process_count: int = 1) -> np.ndarray:
+  """The example indices of ``step`` this process reads (sorted within the global batch)."""
   pos = position(step, num_examples, batch_size)
-  order = np.random.default_rng([seed, pos["epoch"]]).permutation(num_examples)
+  order = epoch_order(seed, pos["epoch"], num_examples)
   start = pos["batch_in_epoch"] * batch_size
   idx = np.sort(order[start:start + batch_size])
-  return {k: v[idx] for k, v in arrays.items()}
+  if batch_size % process_count:
+    raise ValueError(f"batch_size: {batch_size} is not a multiple of the process count "
+                     f"({process_count})")
+  share = batch_size // process_count
+  return idx[process_index * share:(process_index + 1) * share]
 
 
-def eval_batches(arrays: dict, batch_size: int):
+def augment_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+  """The random stream of example ``index``'s augmentation in ``epoch``."""
+  return np.random.default_rng([seed, epoch, int(index), 1])
+
+
+def _stack(examples) -> dict:
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def gather(data, indices, *, transform=None, seed: int = 0, epoch: int = 0) -> dict:
+  """Examples ``indices`` of ``data`` stacked, each passed through ``transform(example, rng)``."""
+  if not isinstance(data, sources.Source) and transform is None:
+    return {k: v[indices] for k, v in data.items()}
+  source = data if isinstance(data, sources.Source) else sources.array_source(data)
+  examples = sources.read_examples(source, indices)
+  if transform is not None:
+    examples = [transform(e, augment_rng(seed, epoch, i))
+                for e, i in zip(examples, indices, strict=True)]
+  return _stack(examples)
+
+
+def train_batch(data, *, seed: int, step: int, batch_size: int, transform=None,
+                process_index: int = 0, process_count: int = 1) -> dict:
+  """The training batch of ``step`` (this process's share): a pure function of (seed, step)."""
+  n = size(data)
+  idx = batch_indices(n, seed=seed, step=step, batch_size=batch_size,
+                      process_index=process_index, process_count=process_count)
+  epoch = position(step, n, batch_size)["epoch"]
+  return gather(data, idx, transform=transform, seed=seed, epoch=epoch)
+
+
+def batches(data, *, seed: int, start: int, stop: int, batch_size: int, transform=None,
+            num_workers: int = 0, prefetch: int = 2, process_index: int = 0,
+            process_count: int = 1):
+  """Yields ``(step, train_batch(step))`` for ``start <= step < stop``.
+
+  ``num_workers > 0`` reads and augments batches in that many threads, up to
+  ``num_workers + prefetch`` batches ahead; memory holds at most that many batches (reading
+  numpy files, PIL and the numpy kernels release the GIL). The values are those of
+  :func:`train_batch`, whatever the threads' timing.
+  """
+  make = lambda step: train_batch(data, seed=seed, step=step, batch_size=batch_size,  # noqa: E731
+                                  transform=transform, process_index=process_index,
+                                  process_count=process_count)
+  if num_workers <= 0:
+    for step in range(start, stop):
+      yield step, make(step)
+    return
+  depth = num_workers + max(prefetch, 0)
+  pending = deque()
+  with concurrent.futures.ThreadPoolExecutor(num_workers, "mtjax-input") as pool:
+    try:
+      nxt = start
+      while pending or nxt < stop:
+        while nxt < stop and len(pending) < depth:
+          pending.append((nxt, pool.submit(make, nxt)))
+          nxt += 1
+        step, future = pending.popleft()
+        yield step, future.result()
+    finally:
+      for _, future in pending:
+        future.cancel()
+
+
+def eval_batches(data, batch_size: int):
   """The split in order, in batches of ``batch_size``; the last one padded, with ``mask`` 0."""
-  num_examples = len(next(iter(arrays.values())))
+  num_examples = size(data)
   for start in range(0, num_examples, batch_size):
     stop = min(start + batch_size, num_examples)
     pad = batch_size - (stop - start)
-    batch = {k: v[start:stop] for k, v in arrays.items()}
+    batch = gather(data, np.arange(start, stop))
     if pad:
       batch = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])
                for k, v in batch.items()}
@@ -47,6 +163,16 @@ def eval_batches(arrays: dict, batch_size: int):
     yield batch
 
 
-def select(arrays: dict, keys) -> dict:
-  """The arrays the model and the tasks read (``image`` and the tasks' label keys)."""
-  return {k: arrays[k] for k in ("image", *keys)}
+def select(data, keys):
+  """The arrays the model and the tasks read (``image``, the tasks' label keys, and the
+  :data:`OPTIONAL_KEYS` and ``<task>_mask`` keys the data has)."""
+  def wanted(k):
+    return k in ("image", *keys) or k in OPTIONAL_KEYS or k.endswith("_mask")
+  if isinstance(data, sources.Source):
+    def read(i):
+      return {k: v for k, v in data.read(i).items() if wanted(k)}
+    read_many = None if data.read_many is None else (
+        lambda idx: [{k: v for k, v in e.items() if wanted(k)} for e in data.read_many(idx)])
+    return sources.Source(data.size, read, read_many)
+  return {k: v for k, v in data.items() if wanted(k) and (k in data)}
+

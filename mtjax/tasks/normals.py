@@ -22,7 +22,12 @@ def threshold_name(t: float) -> str:
 
 def _valid(batch):
   normals = batch["normals"]
-  valid = batch["depth_valid"] if "depth_valid" in batch else jnp.any(normals != 0, axis=-1)
+  if "normals_valid" in batch:    # a dataset with its own normals mask (NYUv2)
+    valid = batch["normals_valid"]
+  elif "depth_valid" in batch:
+    valid = batch["depth_valid"]
+  else:
+    valid = jnp.any(normals != 0, axis=-1)
   return valid.astype(jnp.float32) * example_mask(batch, "normals", normals.shape[0])[:, None, None]
 
 

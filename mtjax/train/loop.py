@@ -20,7 +20,7 @@ import numpy as np
 from mtjax import checkpoint, data, metrics, models, weighting
 from mtjax import config as config_lib
 from mtjax import tasks as tasks_lib
-from mtjax.data import pipeline
+from mtjax.data import augment, pipeline
 from mtjax.errors import RunError, UserError
 from mtjax.models import labels
 from mtjax.train import optim
@@ -93,12 +93,21 @@ def make_trainer(cfg, exp: Experiment, mesh):
         task_chunk=cfg.get("task_chunk", 0))
 
 
-def load_data(cfg, split: str, label_keys) -> dict:
-  """The arrays of ``split`` (built into the data dir first if needed)."""
+def load_data(cfg, split: str, label_keys):
+  """The arrays of ``split`` (built into the data dir first if needed), or for a dataset read
+  lazily its :class:`mtjax.data.sources.Source`."""
   data_dir = cfg.dataset.data_dir or None
   try:
-    arrays = data.load_split(cfg.dataset.name, split, image_size=tuple(cfg.dataset.image_size),
-                             data_dir=data_dir, split_sizes=dict(cfg.dataset.split_sizes))
+    if data.DATASETS[cfg.dataset.name].in_memory:
+      arrays = data.load_split(cfg.dataset.name, split, image_size=tuple(cfg.dataset.image_size),
+                               data_dir=data_dir, split_sizes=dict(cfg.dataset.split_sizes))
+    else:
+      arrays = data.open_split(cfg.dataset.name, split, image_size=tuple(cfg.dataset.image_size),
+                               data_dir=data_dir, split_sizes=dict(cfg.dataset.split_sizes))
+  except FileNotFoundError as e:
+    if e.filename is None:   # a dataset on disk that is not there: the message has the layout
+      raise UserError(f"config.dataset.data_dir: {e}") from None
+    raise UserError(f"config.dataset.data_dir: cannot read {e.filename!r}: {e.strerror}") from e
   except OSError as e:
     where = data_dir or os.environ.get("MTJAX_DATA_DIR") or "~/tensorflow_datasets"
     raise UserError(
@@ -240,9 +249,12 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   resume_step = check_workdir(cfg, workdir)
   train_arrays = load_data(cfg, "train", exp.label_keys)
   val_arrays = load_data(cfg, "validation", exp.label_keys)
+  with _building("dataset.augment"):
+    transform = augment.compose(cfg.dataset.get("augment", ()))
+  data_kw = dict(seed=cfg.seed, batch_size=cfg.batch_size, transform=transform,
+                 process_index=jax.process_index(), process_count=jax.process_count())
   try:
-    tasks_lib.check_batch(exp.tasks, pipeline.train_batch(train_arrays, seed=cfg.seed, step=0,
-                                                          batch_size=cfg.batch_size),
+    tasks_lib.check_batch(exp.tasks, pipeline.train_batch(train_arrays, step=0, **data_kw),
                           cfg.dataset.image_size, cfg.batch_size)
   except ValueError as e:
     raise UserError(f"dataset {cfg.dataset.name!r}: {e}") from None
@@ -267,8 +279,8 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
     meta_arrays = train_arrays if cfg.meta_split == "train" else val_arrays
 
     def train_step(state, batch, step):  # the meta batch: an independent draw (seed + 1)
-      meta_batch = pipeline.train_batch(meta_arrays, seed=cfg.seed + 1, step=step,
-                                        batch_size=cfg.batch_size)
+      meta_batch = pipeline.train_batch(meta_arrays, step=step,
+                                        **{**data_kw, "seed": cfg.seed + 1})
       return trainer.step(state, batch, step_lib.shard_batch(meta_batch, mesh))
   else:
     def train_step(state, batch, step):
@@ -278,20 +290,30 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   mngr = checkpoint.manager(ckpt_dir, cfg.keep_checkpoints)
 
   def save():
-    position = pipeline.position(int(state.step), len(train_arrays["image"]), cfg.batch_size)
+    position = pipeline.position(int(state.step), pipeline.size(train_arrays), cfg.batch_size,
+                                 cfg.seed, jax.process_count())
     checkpoint.save(mngr, state, {"config": config_lib.identity(cfg), "data_position": position,
                                   "seed": cfg.seed})
 
   first = int(state.step)
+  if resume_step is not None:   # continue from the saved pipeline position
+    saved_position = checkpoint.read_metadata(ckpt_dir, first).get("data_position", {})
+    try:
+      start = pipeline.resume_step(saved_position, pipeline.size(train_arrays), cfg.batch_size,
+                                   cfg.seed, jax.process_count()) if saved_position else first
+    except ValueError as e:
+      raise UserError(f"--workdir: {e}; use another --workdir") from None
+    if start != first:
+      raise RunError(f"checkpoint step {first} holds the input position of step {start}")
   last = cfg.num_steps if stop_after is None else min(cfg.num_steps, first + stop_after)
   bar = _progress(first, cfg.num_steps, progress)
   tick, tick_step = time.perf_counter(), first
   skipped = None
   try:
     with open(log_path, "a") as log:
-      for step in range(first, last):
-        batch = pipeline.train_batch(train_arrays, seed=cfg.seed, step=step,
-                                     batch_size=cfg.batch_size)
+      for step, batch in pipeline.batches(train_arrays, start=first, stop=last,
+                                          num_workers=cfg.dataset.get("num_workers", 0),
+                                          **data_kw):
         state, step_metrics = train_step(state, step_lib.shard_batch(batch, mesh), step)
         done = step + 1
         logs = cfg.log_every and (done % cfg.log_every == 0 or done == cfg.num_steps)
