@@ -27,7 +27,7 @@ class DatasetSpec(NamedTuple):
   layout: str = ""             # the files expected in data_dir (for errors and docs)
 
 
-SIZE_RANGE = (8, 1024)         # allowed image height / width, inclusive
+SIZE_RANGE = (8, 2048)         # allowed image height / width, inclusive
 
 
 def _make_shapes_builder(image_size, split_sizes, data_dir):

@@ -267,3 +267,14 @@ def cityscapes_official_source(root: str, split: str, *, image_size=None) -> Sou
             "depth": depth, "depth_valid": valid, "boxes": boxes, "box_classes": box_classes}
 
   return Source(len(images), read)
+
+
+def write_preprocessed(root: str, split: str, examples, *, label_dir: str = "label") -> None:
+  """Writes ``examples`` (dicts of ``image``, ``label``, ``depth`` and optionally ``normal``
+  arrays, stored as given) as ``<root>/<split>/<folder>/N.npy``: the MTAN/LibMTL layout, for
+  converting other data or writing mock data."""
+  for i, example in enumerate(examples):
+    for key, array in example.items():
+      folder = os.path.join(root, split, label_dir if key == "label" else key)
+      os.makedirs(folder, exist_ok=True)
+      np.save(os.path.join(folder, f"{i}.npy"), array)
