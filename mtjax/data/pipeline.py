@@ -116,14 +116,23 @@ def train_batch(data, *, seed: int, step: int, batch_size: int, transform=None,
 
 def batches(data, *, seed: int, start: int, stop: int, batch_size: int, transform=None,
             num_workers: int = 0, prefetch: int = 2, process_index: int = 0,
-            process_count: int = 1):
+            process_count: int = 1, loader: str = "threads"):
   """Yields ``(step, train_batch(step))`` for ``start <= step < stop``.
 
-  ``num_workers > 0`` reads and augments batches in that many threads, up to
-  ``num_workers + prefetch`` batches ahead; memory holds at most that many batches (reading
-  numpy files, PIL and the numpy kernels release the GIL). The values are those of
-  :func:`train_batch`, whatever the threads' timing.
+  ``loader="threads"``: ``num_workers > 0`` reads and augments whole batches in that many
+  threads, up to ``num_workers + prefetch`` batches ahead; memory holds at most that many
+  batches (reading numpy files, PIL and the numpy kernels release the GIL). ``"grain"`` and
+  ``"grain_processes"``: :func:`grain_batches`. The values are those of :func:`train_batch`
+  whatever the loader and the workers' timing, so a run resumes from its step alone.
   """
+  if loader not in LOADERS:
+    raise ValueError(f"loader: got {loader!r}, allowed: {list(LOADERS)}")
+  if loader != "threads":
+    yield from grain_batches(data, seed=seed, start=start, stop=stop, batch_size=batch_size,
+                             transform=transform, num_workers=num_workers, prefetch=prefetch,
+                             processes=loader == "grain_processes", process_index=process_index,
+                             process_count=process_count)
+    return
   make = lambda step: train_batch(data, seed=seed, step=step, batch_size=batch_size,  # noqa: E731
                                   transform=transform, process_index=process_index,
                                   process_count=process_count)
@@ -145,6 +154,57 @@ def batches(data, *, seed: int, start: int, stop: int, batch_size: int, transfor
     finally:
       for _, future in pending:
         future.cancel()
+
+
+LOADERS = ("threads", "grain", "grain_processes")
+
+
+def grain_module():
+  """The grain package, or a ValueError saying how to install it."""
+  try:
+    import grain
+  except ImportError:
+    raise ValueError("the 'grain' and 'grain_processes' loaders need the grain package, which is "
+                     "not installed: pip install 'mtjax[grain]' (or use loader 'threads', the "
+                     "built-in one: the same batches)") from None
+  return grain
+
+
+def grain_batches(data, *, seed: int, start: int, stop: int, batch_size: int, transform=None,
+                  num_workers: int = 2, prefetch: int = 2, processes: bool = False,
+                  process_index: int = 0, process_count: int = 1):
+  """:func:`batches` read by grain: a ``MapDataset`` over (step, slot) read and augmented
+  example by example in ``num_workers`` threads, or worker processes with ``processes``
+  (``IterDataset.mp_prefetch``: for augmentations that hold the GIL). Same values as
+  :func:`train_batch`: each element is the pure function of its (step, slot)."""
+  grain = grain_module()
+  n = size(data)
+  share = batch_size // max(process_count, 1)
+  per_epoch = steps_per_epoch(n, batch_size)
+  source = data if isinstance(data, sources.Source) else sources.array_source(data)
+
+  def element(g):
+    step, slot = divmod(int(g), share)
+    idx = batch_indices(n, seed=seed, step=step, batch_size=batch_size,
+                        process_index=process_index, process_count=process_count)[slot]
+    example = source.read(int(idx))
+    if transform is not None:
+      example = transform(example, augment_rng(seed, step // per_epoch, idx))
+    return example
+
+  ds = grain.MapDataset.range(start * share, stop * share).map(element)
+  ds = ds.batch(share, batch_fn=_stack)
+  if processes and num_workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():   # grain's workers read absl flags (outside `mtjax` CLI)
+      flags.FLAGS.mark_as_parsed()
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                     per_worker_buffer_size=max(prefetch, 1)))
+  else:
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(num_workers, 1),
+                                              prefetch_buffer_size=max(prefetch, 1)))
+  yield from zip(range(start, stop), it, strict=True)
 
 
 def eval_batches(data, batch_size: int):

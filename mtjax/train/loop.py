@@ -251,6 +251,11 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   val_arrays = load_data(cfg, "validation", exp.label_keys)
   with _building("dataset.augment"):
     transform = augment.compose(cfg.dataset.get("augment", ()))
+  with _building("dataset.loader"):
+    if cfg.dataset.get("loader", "threads") not in pipeline.LOADERS:
+      raise ValueError(f"got {cfg.dataset.loader!r}, allowed: {list(pipeline.LOADERS)}")
+    if cfg.dataset.get("loader", "threads") != "threads":
+      pipeline.grain_module()
   data_kw = dict(seed=cfg.seed, batch_size=cfg.batch_size, transform=transform,
                  process_index=jax.process_index(), process_count=jax.process_count())
   try:
@@ -313,6 +318,7 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
     with open(log_path, "a") as log:
       for step, batch in pipeline.batches(train_arrays, start=first, stop=last,
                                           num_workers=cfg.dataset.get("num_workers", 0),
+                                          loader=cfg.dataset.get("loader", "threads"),
                                           **data_kw):
         state, step_metrics = train_step(state, step_lib.shard_batch(batch, mesh), step)
         done = step + 1

@@ -122,3 +122,16 @@ def test_select_keeps_the_task_keys_and_the_optional_masks():
   assert set(got) == {"image", "depth", "depth_valid", "normals_valid", "depth_mask"}
   got = pipeline.select(sources.read_all(extra), ("segmentation",))
   assert set(got) == {"image", "segmentation", "normals_valid", "depth_mask"}
+
+
+def test_grain_reads_the_same_batches():
+  src = _source(10)
+  kw = dict(seed=5, start=2, stop=7, batch_size=4, transform=augment.compose(("hflip",)))
+  ref = list(pipeline.batches(src, **kw))
+  got = list(pipeline.batches(src, loader="grain", num_workers=2, **kw))
+  assert [s for s, _ in got] == list(range(2, 7))
+  for (_, a), (_, b) in zip(ref, got, strict=True):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  with pytest.raises(ValueError, match=r"loader: got 'tf.data', allowed: \['threads', 'grain'"):
+    next(pipeline.batches(src, loader="tf.data", **kw))
