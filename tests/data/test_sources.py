@@ -193,3 +193,35 @@ def test_cityscapes_official_layout(official_root):
   np.testing.assert_array_equal(small["boxes"], ex["boxes"])
   with pytest.raises(FileNotFoundError, match=r"leftImg8bit.*gtFine"):
     data.open_split("cityscapes_official", "train", data_dir=root + "/nope")
+
+
+def _protocol_config(name):
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).parents[2] / "experiments" / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"{name}_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("pcgrad")
+
+
+def test_protocol_configs_validate_and_read_their_dataset(nyu_root, tmp_path):
+  from mtjax.train import loop
+  for name, size, batch in (("nyuv2", (288, 384), 8), ("cityscapes", (128, 256), 64)):
+    cfg = _protocol_config(name)
+    config_lib.validate(cfg)
+    assert tuple(cfg.dataset.image_size) == size and cfg.batch_size == batch
+    assert cfg.optimizer.learning_rate == 1e-4 and cfg.weighting.name == "pcgrad"
+    assert cfg.num_steps == 200 * cfg.eval_every          # 200 epochs, evaluated each epoch
+    cfg.dataset.data_dir = str(tmp_path / "absent")
+    with pytest.raises(UserError, match=r"config.dataset.data_dir: dataset folder .*absent.* "
+                                        r"does not exist.*expected the layout"):
+      loop.load_data(cfg, "train", ())
+  cfg = _protocol_config("nyuv2")
+  cfg.dataset.data_dir, cfg.dataset.image_size, cfg.batch_size = nyu_root, HW, 4
+  exp_keys = ("segmentation", "depth", "depth_valid", "normals")
+  train = loop.load_data(cfg, "train", exp_keys)
+  assert isinstance(train, sources.Source) and train.size == 6
+  info = data.dataset_info("nyuv2")["tasks"]
+  tasks.check_batch({n: tasks.get(n, **info[n]) for n in cfg.tasks},
+                    pipeline.train_batch(train, seed=0, step=0, batch_size=4), HW, 4)
