@@ -60,7 +60,8 @@ def validate(cfg, num_devices: int = 1) -> None:
   _check(len(names) > 0 and len(set(names)) == len(names), "tasks", names,
          "a non-empty tuple of distinct task names")
   for name in names:
-    _check(name in tasks.names(), "tasks", name, f"task names from {tasks.names()}")
+    _check(name in tasks.names() or "kind" in info["tasks"].get(name, {}), "tasks", name,
+           f"task names from {tasks.names()}")
     _check(name in info["tasks"], "tasks", name,
            f"tasks that dataset {cfg.dataset.name!r} labels: {sorted(info['tasks'])}")
   _check(cfg.meta_split in ("train", "validation"), "meta_split", cfg.meta_split,

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mtjax.data import shapes, shapes_tfds, sources
+from mtjax.data import catalog, shapes, shapes_tfds, sources
 
 
 class DatasetSpec(NamedTuple):
@@ -25,6 +25,7 @@ class DatasetSpec(NamedTuple):
   image_sizes: tuple           # the predefined sizes (the embedded one builds any in SIZE_RANGE)
   in_memory: bool = False      # read whole into memory (small), else lazily, batch by batch
   layout: str = ""             # the files expected in data_dir (for errors and docs)
+  tfds: bool = False           # a TFDS catalog dataset: data_dir is the TFDS data dir
 
 
 SIZE_RANGE = (8, 2048)         # allowed image height / width, inclusive
@@ -109,6 +110,26 @@ DATASETS = {
                "detection": {"num_classes": len(sources.CITYSCAPES_THING_IDS)}},
         splits=_SPLITS, image_sizes=((1024, 2048), (512, 1024), (256, 512), (128, 256)),
         layout=sources.OFFICIAL_LAYOUT),
+    # TFDS catalog datasets, prepared as ArrayRecord (mtjax.data.catalog).
+    "celeb_a": DatasetSpec(
+        open=lambda split, image_size, data_dir, split_sizes: catalog.celeba_source(
+            split, image_size, data_dir),
+        class_names=catalog.CELEBA_ATTRIBUTES, tasks=catalog.CELEBA_TASKS, splits=_SPLITS,
+        image_sizes=((64, 64),), tfds=True,
+        layout="<data_dir>/celeb_a/<version>/*.array_record-* (tfds build celeb_a)"),
+    "multi_mnist": DatasetSpec(
+        open=lambda split, image_size, data_dir, split_sizes: catalog.multi_mnist_source(
+            split, image_size, data_dir),
+        class_names=tuple(str(d) for d in range(10)), tasks=catalog.MULTI_MNIST_TASKS,
+        splits=_SPLITS, image_sizes=((28, 28),), tfds=True,
+        layout="<data_dir>/mnist/<version>/*.array_record-* (tfds build mnist)"),
+    "voc_2012": DatasetSpec(
+        open=lambda split, image_size, data_dir, split_sizes: catalog.voc_source(
+            split, image_size, data_dir),
+        class_names=catalog.VOC_CLASSES,
+        tasks={"detection": {"num_classes": len(catalog.VOC_CLASSES)}},
+        splits=_SPLITS, image_sizes=((384, 384),), tfds=True,
+        layout="<data_dir>/voc/2012/<version>/*.array_record-* (tfds build voc/2012)"),
 }
 
 
@@ -142,7 +163,10 @@ def _data_dir(name, data_dir):
   if data_dir:
     return data_dir
   root = os.environ.get("MTJAX_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
-  return root if _spec(name).in_memory else os.path.join(root, name)
+  spec = _spec(name)
+  if spec.tfds:
+    return os.environ.get("MTJAX_DATA_DIR") or None   # None: TFDS's own default
+  return root if spec.in_memory else os.path.join(root, name)
 
 
 def open_split(name: str, split: str, *, image_size=(64, 64), data_dir=None,

@@ -9,7 +9,7 @@ A task's options (e.g. its class count) come from the dataset's per-task info
 
 import inspect
 
-from mtjax.tasks import classification, depth, normals, segmentation
+from mtjax.tasks import classification, depth, labels, normals, segmentation
 from mtjax.tasks.base import Evaluator, Task, check_batch, label_keys, loss_and_parts, summarize
 
 _REGISTRY = {
@@ -26,7 +26,18 @@ def names() -> list[str]:
 
 
 def get(name: str, num_classes: int | None = None, **options) -> Task:
-  """The task ``name`` built with its options (``num_classes`` where the task has classes)."""
+  """The task ``name`` built with its options (``num_classes`` where the task has classes).
+
+  A dataset's own tasks (CelebA's attributes, MultiMNIST's digits) carry ``kind`` in their
+  options (``mtjax.tasks.labels.KINDS``) and are built by kind under the dataset's name.
+  """
+  if "kind" in options and name not in _REGISTRY:
+    kind = options.pop("kind")
+    if kind not in labels.KINDS:
+      raise ValueError(f"task {name!r}: unknown kind {kind!r}; valid: {sorted(labels.KINDS)}")
+    if num_classes is not None:
+      options["num_classes"] = num_classes
+    return labels.KINDS[kind](name, **options)
   if name not in _REGISTRY:
     raise ValueError(f"unknown task {name!r}; valid names: {names()}")
   factory = _REGISTRY[name]
