@@ -14,7 +14,9 @@ consume. The train step's own rate comes from ``benchmarks/results/step_time_cpu
 (this CPU, the default experiment) and ../shared/REFERENCE.md (ResNet-50, batch 16 of 288×384:
 13.0 ms a step on an H100, ≈ 1230 images/s), which sets the cores a GPU host needs.
 The page cache holds the mock files after the warm-up: this is decode + augmentation + copy,
-not disk bandwidth.
+not disk bandwidth. Each row also reports the process's CPU time per image (all threads), the
+figure that sets the cores needed, since on a loaded machine the wall rate mostly measures the
+other jobs (for ``grain_processes`` it leaves out the worker processes' CPU).
 """
 
 import argparse
@@ -76,11 +78,12 @@ def measure(data, *, batch_size, transform, loader, workers, batches, warmup, me
                         transform=transform, num_workers=workers, loader=loader)
   for _ in range(warmup):
     jax.block_until_ready(step_lib.shard_batch(next(it)[1], mesh))
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   for _, batch in it:
     jax.block_until_ready(step_lib.shard_batch(batch, mesh))
-  seconds = time.perf_counter() - start
-  return batches * batch_size / seconds
+  seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+  images = batches * batch_size
+  return {"images_per_s": images / seconds, "cpu_ms_per_image": 1000 * cpu / images}
 
 
 def _cpu_step_rate():
@@ -100,9 +103,9 @@ def main(argv=None):
   load = os.getloadavg()
   shapes = _shapes_arrays()
   rows.append(dict(input="shapes 64×64", loader="in memory", workers=0, batch=32,
-                   images_per_s=measure(shapes, batch_size=32, transform=None, loader="threads",
-                                        workers=0, batches=args.batches * 4,
-                                        warmup=args.warmup, mesh=mesh)))
+                   **measure(shapes, batch_size=32, transform=None, loader="threads",
+                             workers=0, batches=args.batches * 4, warmup=args.warmup,
+                             mesh=mesh)))
   print(rows[-1], flush=True)
   hw = tuple(args.image_size)
   transform = augment.compose(("scale_crop", "hflip"))
@@ -117,7 +120,7 @@ def main(argv=None):
           rate = measure(source, batch_size=8, transform=transform, loader=loader, workers=w,
                          batches=args.batches, warmup=args.warmup, mesh=mesh)
           rows.append(dict(input=f"nyuv2 mock {hw[0]}×{hw[1]} + aug", loader=loader,
-                           workers=w, batch=8, images_per_s=rate))
+                           workers=w, batch=8, **rate))
         except Exception as e:  # noqa: BLE001 -- a loader that fails gets an error row
           rows.append(dict(input=f"nyuv2 mock {hw[0]}×{hw[1]} + aug", loader=loader,
                            workers=w, batch=8, error=f"{type(e).__name__}: {e}"[:200]))
@@ -125,16 +128,17 @@ def main(argv=None):
     plain = measure(source, batch_size=8, transform=None, loader="threads", workers=0,
                     batches=args.batches, warmup=args.warmup, mesh=mesh)
     rows.append(dict(input=f"nyuv2 mock {hw[0]}×{hw[1]}, no aug", loader="threads", workers=0,
-                     batch=8, images_per_s=plain))
+                     batch=8, **plain))
   cpu_rate, cpu_ms = _cpu_step_rate()
-  serial = next(r["images_per_s"] for r in rows if r["loader"] == "threads"
+  serial = next(r for r in rows if r["loader"] == "threads"
                 and r["workers"] == 0 and "+ aug" in r["input"])
   info = dict(date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               jax=jax.__version__, cpus=os.cpu_count(), load_before=load,
               load_after=os.getloadavg(), batches=args.batches, warmup=args.warmup,
               cpu_step_images_per_s=cpu_rate, cpu_step_ms=cpu_ms,
               gpu_step_images_per_s=GPU_STEP_IMAGES_PER_S,
-              cores_for_gpu=GPU_STEP_IMAGES_PER_S / serial)
+              cpu_ms_per_image=serial["cpu_ms_per_image"],
+              cores_for_gpu=GPU_STEP_IMAGES_PER_S * serial["cpu_ms_per_image"] / 1000)
   result = {"info": info, "rows": rows}
   table = markdown(info, rows)
   print(table, flush=True)
@@ -151,18 +155,22 @@ def markdown(info, rows) -> str:
       "other jobs ran; the figures are lower bounds)",
       f"- {info['batches']} batches timed after {info['warmup']} warm-up, each placed on the "
       "device and waited for", "",
-      "| input | loader | workers | batch | images/s |", "|---|---|---|---|---|"]
+      "| input | loader | workers | batch | images/s (wall) | CPU ms / image |",
+      "|---|---|---|---|---|---|"]
   for r in rows:
-    value = f"{r['images_per_s']:.0f}" if "images_per_s" in r else r["error"]
+    value = (f"{r['images_per_s']:.0f} | {r['cpu_ms_per_image']:.1f}" if "images_per_s" in r
+             else f"{r['error']} | ")
     lines.append(f"| {r['input']} | {r['loader']} | {r['workers']} | {r['batch']} | {value} |")
   lines += [
       "",
       f"Train step consumption: the default experiment on this CPU "
       f"{info['cpu_step_images_per_s']:.0f} images/s (EW step {info['cpu_step_ms']:.0f} ms, "
       "batch 32, benchmarks/results/step_time_cpu_tiny.json); ResNet-50 at 288×384 on an H100 "
-      f"{info['gpu_step_images_per_s']:.0f} images/s (REFERENCE.md). At the single-thread "
-      f"NYUv2 rate with augmentation, a GPU host needs ≈ {info['cores_for_gpu']:.0f} cores "
-      "of input workers to keep up.", ""]
+      f"{info['gpu_step_images_per_s']:.0f} images/s (REFERENCE.md). NYUv2 with augmentation costs "
+      f"{info['cpu_ms_per_image']:.1f} ms of CPU time an image (read, scale-crop, flip, "
+      "stack, device copy; CPU time, so the machine's load inflates it less than the wall "
+      f"figures), so a GPU host needs ≈ {info['cores_for_gpu']:.0f} cores of input workers "
+      "(`config.dataset.num_workers`) to keep up with that step.", ""]
   return "\n".join(lines)
 
 

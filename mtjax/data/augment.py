@@ -70,9 +70,8 @@ def resize_bilinear(x: np.ndarray, size) -> np.ndarray:
                                                                          strict=True))
   extra = (1,) * (x.ndim - 2)
   fy, fx = fy.reshape(-1, 1, *extra), fx.reshape(1, -1, *extra)
-  top = x[y0][:, x0] * (1 - fx) + x[y0][:, x1] * fx
-  bottom = x[y1][:, x0] * (1 - fx) + x[y1][:, x1] * fx
-  return (top * (1 - fy) + bottom * fy).astype(x.dtype)
+  rows = x[y0] + (x[y1] - x[y0]) * fy           # separable: rows, then columns
+  return (rows[:, x0] + (rows[:, x1] - rows[:, x0]) * fx).astype(x.dtype)
 
 
 def resize_nearest(x: np.ndarray, size) -> np.ndarray:

@@ -203,7 +203,7 @@ def grain_batches(data, *, seed: int, start: int, stop: int, batch_size: int, tr
                                                      per_worker_buffer_size=max(prefetch, 1)))
   else:
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(num_workers, 1),
-                                              prefetch_buffer_size=max(prefetch, 1)))
+                                              prefetch_buffer_size=max(num_workers, 1) + prefetch))
   yield from zip(range(start, stop), it, strict=True)
 
 
