@@ -12,7 +12,8 @@ from mtjax.errors import UserError
 # Fields that change what is logged or saved, not the training trajectory: a workdir's
 # checkpoint may be resumed under a config that differs only in these.
 PRESENTATION_FIELDS = ("log_every", "eval_every", "checkpoint_every", "eval_batch_size",
-                       "baselines", "dataset.data_dir", "progress_bar", "keep_checkpoints")
+                       "baselines", "dataset.data_dir", "progress_bar", "keep_checkpoints",
+                       "dataset.num_workers", "dataset.loader")  # the same batches either way
 
 
 def weighting_config(name: str = "ew") -> ml_collections.ConfigDict:
