@@ -39,7 +39,16 @@ def test_hflip_mirrors_every_label_negates_normals_x_and_mirrors_boxes(scene):
                                                     out["box_classes"]), atol=1e-6)
   assert (out["boxes"][scene["box_classes"] == 0] == 0).all()
   np.testing.assert_array_equal(out["labels"], scene["labels"])
-  # Surfaces still face the camera: camera x flips with the image, so n.P < 0 is kept.
+  # Surfaces still face the camera: at each pixel's camera-space point P (back-projected from
+  # the flipped depth), the flipped normal n has n.P < 0, as every rendered surface does.
+  h, w = out["depth"].shape
+  f = shapes.focal_length(h)
+  cols, rows = np.meshgrid(np.arange(w) + 0.5 - w / 2, np.arange(h) + 0.5 - h / 2)
+  z = out["depth"]
+  points = np.stack([cols * z / f, rows * z / f, z], -1)
+  assert (np.sum(out["normals"] * points, -1) < 0).all()
+  unflipped_x = augment.hflip(scene, _Always())["normals"] * np.float32([-1, 1, 1])
+  assert not (np.sum(unflipped_x * points, -1) < 0).all()   # without the negation: broken
   twice = augment.hflip(out, _Always())
   for k in scene:
     np.testing.assert_array_equal(twice[k], scene[k], err_msg=k)
