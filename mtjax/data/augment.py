@@ -36,7 +36,7 @@ def hflip(example: dict, rng: np.random.Generator, probability: float = 0.5) -> 
     return example
   out = dict(example)
   for k in _dense_keys(example):
-    out[k] = np.ascontiguousarray(example[k][:, ::-1])
+    out[k] = example[k][:, ::-1]      # a view: the batch's stacking copies it once
   if "normals" in out:
     out["normals"] = out["normals"] * np.array([-1.0, 1.0, 1.0], out["normals"].dtype)
   if "boxes" in out:
