@@ -104,16 +104,18 @@ def load_data(cfg, split: str, label_keys):
     else:
       arrays = data.open_split(cfg.dataset.name, split, image_size=tuple(cfg.dataset.image_size),
                                data_dir=data_dir, split_sizes=dict(cfg.dataset.split_sizes))
-  except FileNotFoundError as e:
-    if e.filename is None:   # a dataset on disk that is not there: the message has the layout
-      raise UserError(f"config.dataset.data_dir: {e}") from None
-    raise UserError(f"config.dataset.data_dir: cannot read {e.filename!r}: {e.strerror}") from e
   except OSError as e:
+    if isinstance(e, FileNotFoundError) and e.filename is None:  # its message has the layout
+      raise UserError(f"config.dataset.data_dir: {e}") from None
     where = data_dir or os.environ.get("MTJAX_DATA_DIR") or "~/tensorflow_datasets"
     raise UserError(
         f"config.dataset.data_dir (else $MTJAX_DATA_DIR): cannot build or read dataset "
         f"{cfg.dataset.name!r} in {where!r}: {e.strerror or e}"
         f"{f' ({e.filename})' if e.filename else ''}; expected a writable folder") from e
+  except UserError:
+    raise
+  except ValueError as e:   # files in the folder that do not match the layout
+    raise UserError(f"config.dataset.data_dir: {e}") from None
   return pipeline.select(arrays, label_keys)
 
 
@@ -247,8 +249,6 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   exp = build(cfg)
   trainer = make_trainer(cfg, exp, mesh)
   resume_step = check_workdir(cfg, workdir)
-  train_arrays = load_data(cfg, "train", exp.label_keys)
-  val_arrays = load_data(cfg, "validation", exp.label_keys)
   with _building("dataset.augment"):
     transform = augment.compose(cfg.dataset.get("augment", ()))
   with _building("dataset.loader"):
@@ -256,6 +256,8 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
       raise ValueError(f"got {cfg.dataset.loader!r}, allowed: {list(pipeline.LOADERS)}")
     if cfg.dataset.get("loader", "threads") != "threads":
       pipeline.grain_module()
+  train_arrays = load_data(cfg, "train", exp.label_keys)
+  val_arrays = load_data(cfg, "validation", exp.label_keys)
   data_kw = dict(seed=cfg.seed, batch_size=cfg.batch_size, transform=transform,
                  process_index=jax.process_index(), process_count=jax.process_count())
   try:
