@@ -114,8 +114,10 @@ def load_data(cfg, split: str, label_keys):
         f"{f' ({e.filename})' if e.filename else ''}; expected a writable folder") from e
   except UserError:
     raise
-  except ValueError as e:   # files in the folder that do not match the layout
-    raise UserError(f"config.dataset.data_dir: {e}") from None
+  except ValueError as e:   # a field of config.dataset, or files that do not match the layout
+    field = str(e).split(":")[0]
+    where = field if field in ("image_size", "split_sizes") else "data_dir"
+    raise UserError(f"config.dataset.{where}: {str(e).removeprefix(field + ': ')}") from None
   return pipeline.select(arrays, label_keys)
 
 
