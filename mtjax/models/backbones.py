@@ -125,6 +125,12 @@ def last_stage(stages):
   return stages[max((k for k in stages if k.startswith("stage")), key=lambda k: int(k[5:]))]
 
 
+def deepest_stages(stages, count: int) -> dict:
+  """The ``count`` deepest ``"stage<i>"`` entries of a backbone's output (all if it has fewer)."""
+  names = sorted((k for k in stages if k.startswith("stage")), key=lambda k: int(k[5:]))
+  return {name: stages[name] for name in names[-count:]}
+
+
 STEMS = ("imagenet", "small", "cifar")
 STAGES = {
     "resnet_tiny": ((1, 1, 1), "basic"),
