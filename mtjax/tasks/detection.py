@@ -3,8 +3,9 @@
 What is taken from the paper (arXiv:1904.01355v5) and its "improvements" (§ 3.3 and Table 3
 of v5, also the defaults of the authors' repository):
 
-- **Pyramid**: the ``levels`` deepest backbone stages (C3–C5 of a ResNet at 224 px and more;
-  fewer levels and shallower stages at small image sizes, whatever the backbone gives), each a
+- **Pyramid**: the ``feature_stages`` (3) deepest backbone stages of stride ≥ ``min_stride``
+  (4) — C3–C5 of a ResNet with the ImageNet stem; at 64×64 with the small stem, the stages of
+  stride 4 and 8 (two levels: stride 2 would cost 4× the rest of the head) — each a
   lateral 1×1 convolution, a top-down pathway (nearest upsampling and sum) and a 3×3 output
   convolution (Lin et al., 2017, FPN). No P6/P7 (at 64×64 the image is 2×2 at stride 32).
 - **Head**, shared across levels: a classification and a regression tower of ``tower_depth``
@@ -76,6 +77,7 @@ class FCOSHead(nn.Module):
   dtype: jnp.dtype = jnp.float32
   feature_stages: int = 3   # pyramid levels: read by the model (MultiTaskModel.encode)
   tower_depth: int = 2
+  min_stride: int = 4       # finer stages are left out (their cost, ≥ 9 px objects at 64×64)
 
   @nn.compact
   def __call__(self, features, output_size, train: bool):
@@ -84,6 +86,8 @@ class FCOSHead(nn.Module):
       features = {"stage": features}
     names = sorted(features, key=_stage_index)[-self.feature_stages:]
     maps = [features[n] for n in names]
+    coarse = [m for m in maps if output_size[0] / m.shape[1] >= self.min_stride]
+    maps = coarse or maps[-1:]
     conv = functools.partial(nn.Conv, dtype=self.dtype)
     lateral = [conv(self.hidden, (1, 1), name=f"lateral{i}")(m) for i, m in enumerate(maps)]
     pyramid = [None] * len(maps)
