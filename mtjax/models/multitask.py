@@ -76,13 +76,14 @@ def _stages_of(head) -> int:
 
 
 def build(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int = 32,
-          stem: str = "imagenet", head_hidden: int = 64, dtype: str = "float32") -> MultiTaskModel:
+          stem: str = "imagenet", head_hidden: int = 64, dtype: str = "float32",
+          frozen_bn: bool = False) -> MultiTaskModel:
   """A hard-sharing model: backbone ``backbone`` and each task's own head (``task.head``)."""
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype: expected 'float32' or 'bfloat16', got {dtype!r}")
   compute_dtype = jnp.dtype(dtype)
   trunk = backbones.get(backbone, width=width, output_stride=output_stride, stem=stem,
-                        dtype=compute_dtype)
+                        dtype=compute_dtype, frozen_bn=frozen_bn)
   heads = {name: task.head(hidden=head_hidden, dtype=compute_dtype)
            for name, task in tasks.items()}
   return MultiTaskModel(trunk, heads)
