@@ -112,7 +112,8 @@ def convert(tensors, params, batch_stats, stage_sizes, block: str):
 
 
 def load_backbone(model, params, batch_stats, path: str):
-  """``params``/``batch_stats`` of a model with a ``backbone`` ResNet, its backbone from ``path``."""
+  """``params``/``batch_stats`` of a model with a ``backbone`` ResNet, that backbone's taken
+  from the file ``path``."""
   backbone = getattr(model, "backbone", None)
   if backbone is None or "backbone" not in params:
     raise ValueError(f"model.pretrained: {type(model).__name__} has no 'backbone' to load into")

@@ -37,8 +37,8 @@ def encode(points, boxes):
 def decode(points, distances):
   """The inverse of :func:`encode`: boxes ``(x0, y0, x1, y1)`` from points and ``(l, t, r, b)``."""
   x, y = points[..., 0], points[..., 1]
-  l, t, r, b = jnp.moveaxis(distances, -1, 0)
-  return jnp.stack([x - l, y - t, x + r, y + b], axis=-1)
+  left, top, right, bottom = jnp.moveaxis(distances, -1, 0)
+  return jnp.stack([x - left, y - top, x + right, y + bottom], axis=-1)
 
 
 def area(boxes):
@@ -47,9 +47,9 @@ def area(boxes):
 
 def centerness(distances):
   """FCOS's centerness target (eq. 3): ``sqrt(min(l,r)/max(l,r) · min(t,b)/max(t,b))``."""
-  l, t, r, b = jnp.moveaxis(jnp.clip(distances, 0), -1, 0)
-  lr = jnp.minimum(l, r) / jnp.maximum(jnp.maximum(l, r), _EPS)
-  tb = jnp.minimum(t, b) / jnp.maximum(jnp.maximum(t, b), _EPS)
+  left, top, right, bottom = jnp.moveaxis(jnp.clip(distances, 0), -1, 0)
+  lr = jnp.minimum(left, right) / jnp.maximum(jnp.maximum(left, right), _EPS)
+  tb = jnp.minimum(top, bottom) / jnp.maximum(jnp.maximum(top, bottom), _EPS)
   return jnp.sqrt(lr * tb)
 
 

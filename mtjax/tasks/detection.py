@@ -309,7 +309,7 @@ def coco_result(state, num_classes: int) -> dict[str, float]:
     from faster_coco_eval import COCO, COCOeval_faster
   except ImportError as e:
     raise ImportError("the detection task's COCO metrics need faster-coco-eval: "
-                      "pip install 'mtjax[detection]' (or faster-coco-eval)") from e
+                      "pip install 'mtjax[detection]'") from e
   images, annotations, detections = state
   names = ("ap", "ap50", "ap75", "ar")
   if not annotations:
