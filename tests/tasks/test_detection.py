@@ -163,3 +163,28 @@ def test_coco_ap_of_ground_truth_and_shifted_boxes():
   wrong = dict(truth, boxes=np.where(np.arange(6)[:, None, None] < 3, batch["boxes"], boxes))
   state = evaluator.update(evaluator.init(), wrong, masked)
   assert evaluator.result(state)["ap50"] == pytest.approx(1.0)
+
+
+def test_one_representation_level_step_on_det_seg():
+  """A gradient method on the stage dict the pyramid needs: the per-task feature cotangents are
+  a pytree of stages, and the combined direction goes back through the encoder."""
+  import optax
+
+  from mtjax import weighting
+  from mtjax.train.step import make_mesh, shard_batch
+  from mtjax.train.trainer import make_trainer
+
+  tasks = tiny_tasks(("detection", "segmentation"))
+  model = build("resnet_tiny", tasks, width=8, output_stride=32, stem="small", head_hidden=8)
+  mesh = make_mesh(jax.devices()[:1])
+  trainer = make_trainer(model, tasks, weighting.get("pcgrad"), optax.adam(1e-3),
+                         image_shape=(SIZE, SIZE, 3), batch_size=4, grad_level="representation",
+                         mesh=mesh)
+  state = trainer.init(jax.random.PRNGKey(0))
+  new_state, metrics = trainer.step(state, shard_batch(_scenes(4, seed=2), mesh))
+  assert int(new_state.step) == 1
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+  assert {"loss/detection/cls", "loss/detection/box", "loss/detection/centerness"} <= set(metrics)
+  moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(a != b)), new_state.params["backbone"],
+                                 state.params["backbone"])
+  assert all(jax.tree_util.tree_leaves(moved))  # every backbone parameter got a direction
