@@ -12,7 +12,7 @@ optionally ``gpu``. The CPU default is a small ResNet (``resnet_tiny``, width 16
 segmentation head. ``gpu``: ResNet-50 with the ImageNet stem at 512×512, the pyramid on C3–C5
 (strides 8, 16, 32), batch 32 — with ``config.model.pretrained`` pointing at torchvision's
 ImageNet weights (``.pth`` or ``.safetensors``), optionally ``config.model.frozen_bn=True``.
-The embedded dataset is rendered at that size on first use (minutes).
+The embedded dataset is rendered at that size on first use (not timed at 512×512 yet).
 """
 
 import ml_collections

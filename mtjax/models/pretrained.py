@@ -43,14 +43,14 @@ def read(path: str) -> dict[str, np.ndarray]:
     try:
       from safetensors.numpy import load_file
     except ImportError as e:
-      raise ImportError("model.pretrained: reading .safetensors needs the safetensors package "
-                        "(pip install safetensors)") from e
+      raise ValueError("model.pretrained: reading .safetensors needs the safetensors package "
+                       "(pip install 'mtjax[detection]' or safetensors)") from e
     return dict(load_file(path))
   try:
     import torch
   except ImportError as e:
-    raise ImportError(f"model.pretrained: reading {path!r} needs torch (pip install "
-                      "'mtjax[torch]'), or convert it to .safetensors") from e
+    raise ValueError(f"model.pretrained: reading {path!r} needs torch (pip install "
+                     "'mtjax[torch]'), or convert it to .safetensors") from e
   state = torch.load(path, map_location="cpu", weights_only=True)
   state = state.get("state_dict", state) if isinstance(state, dict) else state
   return {k: v.detach().cpu().numpy() for k, v in state.items()}
