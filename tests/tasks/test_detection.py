@@ -3,11 +3,15 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from mtjax import weighting
 from mtjax.data import render_scene
 from mtjax.models import build
-from mtjax.tasks import box_ops, detection, loss_and_parts
+from mtjax.tasks import box_ops, detection
+from mtjax.train.step import make_mesh, shard_batch
+from mtjax.train.trainer import make_trainer
 from tests.helpers import tiny_tasks
 
 SIZE = 32
@@ -18,16 +22,6 @@ def _scenes(n, seed=0):
   examples = [render_scene(rng, SIZE, SIZE) for _ in range(n)]
   return {k: np.stack([e[k] for e in examples])
           for k in ("image", "segmentation", "boxes", "box_classes")}
-
-
-@pytest.fixture(scope="module")
-def setup():
-  """The tiny model with detection and segmentation heads, its variables and a batch."""
-  tasks = tiny_tasks(("detection", "segmentation"))
-  model = build("resnet_tiny", tasks, width=8, output_stride=32, stem="small", head_hidden=8)
-  batch = _scenes(4)
-  variables = model.init(jax.random.PRNGKey(0), batch["image"], train=False)
-  return model, tasks, variables, batch
 
 
 def test_encode_decode_round_trip():
@@ -98,47 +92,61 @@ def test_nms_per_class_keeps_the_best():
   np.testing.assert_array_equal(keep, [False, True, False, True, False])
 
 
-def test_loss_finite_without_objects_and_decoding_compiles_once(setup):
-  model, tasks, variables, batch = setup
-  det = tasks["detection"]
-  traces = []
-
-  @jax.jit
-  def loss_grad_and_predict(params, batch):
-    traces.append(1)
-
-    def loss(p):
-      out = model.apply({**variables, "params": p}, batch["image"], train=False)
-      return loss_and_parts(det, out["detection"], batch)
-
-    (value, parts), grads = jax.value_and_grad(loss, has_aux=True)(params)
-    out = model.apply({**variables, "params": params}, batch["image"], train=False)
-    return value, parts, grads, det.predict_fn(out["detection"])
-
+def test_steps_and_decoding_without_objects_compile_once():
+  """Real train steps (a gradient method at the representation level: the features are the
+  pyramid's stage dict) and evaluation on images with scenes, no objects, all-padding rows and
+  one object: finite losses and gradients, one compile of the step and one of the evaluation."""
+  tasks = tiny_tasks(("detection", "segmentation"))
+  model = build("resnet_tiny", tasks, width=8, output_stride=32, stem="small", head_hidden=8)
+  mesh = make_mesh(jax.devices()[:1])
+  trainer = make_trainer(model, tasks, weighting.get("pcgrad"), optax.adam(1e-3),
+                         image_shape=(SIZE, SIZE, 3), batch_size=4, grad_level="representation",
+                         mesh=mesh)
+  state = trainer.init(jax.random.PRNGKey(0))
+  batch = _scenes(4)
   empty = dict(batch, box_classes=np.zeros_like(batch["box_classes"]))
   padding = dict(empty, boxes=np.zeros_like(batch["boxes"]))
   one = dict(batch, box_classes=batch["box_classes"] * (np.arange(4) == 0)[None, :])
-  results = {}
-  for name, b in (("scenes", batch), ("no objects", empty), ("all padding", padding),
-                  ("one object", one)):
-    value, parts, grads, predictions = loss_grad_and_predict(variables["params"], b)
-    assert np.isfinite(float(value)), name
-    assert set(parts) == {"cls", "box", "centerness"}
-    assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)), name
-    results[name] = (float(value), parts)
-  assert len(traces) == 1  # one compilation for any number of objects
+  compiled = []
+
+  def on_duration(event, duration, **kwargs):
+    del duration
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(kwargs.get("fun_name", ""))
+
+  jax.monitoring.register_event_duration_secs_listener(on_duration)
+  try:
+    before = jax.device_get(state.params["backbone"])  # the step donates the state
+    results = {}
+    for name, b in (("scenes", batch), ("no objects", empty), ("all padding", padding),
+                    ("one object", one)):
+      state, metrics = trainer.step(state, shard_batch(b, mesh))
+      _, predictions = trainer.evaluate(state, shard_batch(b, mesh))
+      metrics = jax.device_get(metrics)
+      assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]), name
+      assert int(state.health.bad_step) < 0, name  # losses, gradient, parameters finite
+      results[name] = metrics
+      if name == "scenes":
+        moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(a != b)),
+                                       jax.device_get(state.params["backbone"]), before)
+        assert all(jax.tree_util.tree_leaves(moved))  # the direction reached every stage
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_duration)
+  assert compiled.count("jit(step)") == 1, compiled
+  assert compiled.count("jit(evaluate)") == 1, compiled
   # No positives: no box or centerness term, only the focal loss of the negatives.
-  assert float(results["no objects"][1]["box"]) == 0.0
-  assert float(results["all padding"][1]["centerness"]) == 0.0
-  assert float(results["scenes"][1]["box"]) > 0.0
+  assert results["no objects"]["loss/detection/box"] == 0.0
+  assert results["all padding"]["loss/detection/centerness"] == 0.0
+  assert results["scenes"]["loss/detection/box"] > 0.0
+  predictions = jax.device_get(predictions["detection"])
   assert predictions["boxes"].shape == (4, detection.MAX_DETECTIONS, 4)
   assert predictions["scores"].shape == predictions["valid"].shape == (4, detection.MAX_DETECTIONS)
-  scores = np.asarray(predictions["scores"])
-  assert np.all(np.diff(scores, axis=1) <= 0)  # sorted by score
-  boxes = np.asarray(predictions["boxes"])
-  assert np.all((boxes >= 0) & (boxes <= 1))
-  # The model's features: the pyramid's stages as a dict; the segmentation head reads the last.
-  features = model.apply(variables, batch["image"], train=False)["features"]
+  assert np.all(np.diff(predictions["scores"], axis=1) <= 0)  # sorted by score
+  assert np.all((predictions["boxes"] >= 0) & (predictions["boxes"] <= 1))
+  # The features: the pyramid's stages as a dict (the segmentation head reads the last).
+  features = jax.eval_shape(lambda: model.apply(
+      {"params": state.params, "batch_stats": state.batch_stats}, batch["image"],
+      method="encode"))
   assert set(features) == {"stage1", "stage2", "stage3"}
 
 
@@ -164,27 +172,3 @@ def test_coco_ap_of_ground_truth_and_shifted_boxes():
   state = evaluator.update(evaluator.init(), wrong, masked)
   assert evaluator.result(state)["ap50"] == pytest.approx(1.0)
 
-
-def test_one_representation_level_step_on_det_seg():
-  """A gradient method on the stage dict the pyramid needs: the per-task feature cotangents are
-  a pytree of stages, and the combined direction goes back through the encoder."""
-  import optax
-
-  from mtjax import weighting
-  from mtjax.train.step import make_mesh, shard_batch
-  from mtjax.train.trainer import make_trainer
-
-  tasks = tiny_tasks(("detection", "segmentation"))
-  model = build("resnet_tiny", tasks, width=8, output_stride=32, stem="small", head_hidden=8)
-  mesh = make_mesh(jax.devices()[:1])
-  trainer = make_trainer(model, tasks, weighting.get("pcgrad"), optax.adam(1e-3),
-                         image_shape=(SIZE, SIZE, 3), batch_size=4, grad_level="representation",
-                         mesh=mesh)
-  state = trainer.init(jax.random.PRNGKey(0))
-  new_state, metrics = trainer.step(state, shard_batch(_scenes(4, seed=2), mesh))
-  assert int(new_state.step) == 1
-  assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
-  assert {"loss/detection/cls", "loss/detection/box", "loss/detection/centerness"} <= set(metrics)
-  moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(a != b)), new_state.params["backbone"],
-                                 state.params["backbone"])
-  assert all(jax.tree_util.tree_leaves(moved))  # every backbone parameter got a direction
