@@ -76,7 +76,7 @@ DATASETS = {
             "depth": {},
             "normals": {},
             "classification": {"num_classes": shapes.NUM_CLASSES - 1},  # one label per object class
-            "detection": {"num_classes": shapes.NUM_CLASSES - 1},
+            "detection": {"num_classes": shapes.NUM_CLASSES - 1, "max_boxes": 4},
             "instances": {},
         },
         splits=tuple(shapes_tfds.SPLIT_IDS),

@@ -6,6 +6,7 @@ pool, stride 4) or, for small images, a single 3×3 conv of stride 2 (``"small"`
 (``"cifar"``).
 """
 
+import dataclasses
 import functools
 import itertools
 from collections.abc import Sequence
@@ -79,9 +80,14 @@ class ResNet(nn.Module):
   output_stride: int = 32
   stem: str = "imagenet"
   dtype: jnp.dtype = jnp.float32
+  # Frozen BatchNorm (e.g. of a pretrained backbone, as detectors use it): the running
+  # statistics normalise in training too and are not updated; the BN parameters get their own
+  # group "bn/<stage>" (the loop freezes "shared/bn").
+  frozen_bn: bool = False
 
   @nn.compact
   def __call__(self, images, train: bool):
+    train = train and not self.frozen_bn  # the blocks use `train` for BatchNorm only
     block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[self.block]
     conv, norm = _conv_and_norm(self.dtype, train)
     x = images.astype(self.dtype)
@@ -106,7 +112,10 @@ class ResNet(nn.Module):
     return stages
 
   def param_group(self, path) -> str:
-    """``"stem"`` or ``"stage<i>"``: the part of the trunk a parameter path (in it) belongs to."""
+    """``"stem"`` or ``"stage<i>"``: the part of the trunk a parameter path (in it) belongs to
+    (with ``frozen_bn``, a BatchNorm's is ``"bn/stem"``, ``"bn/stage<i>"``)."""
+    if self.frozen_bn and any(str(p).startswith("BatchNorm") for p in path):
+      return "bn/" + dataclasses.replace(self, frozen_bn=False).param_group(path)
     name = path[0]  # the stem's Conv_0 / BatchNorm_0, or BasicBlock_<k> / BottleneckBlock_<k>
     if "Block_" not in name:
       return "stem"
@@ -125,6 +134,12 @@ def last_stage(stages):
   return stages[max((k for k in stages if k.startswith("stage")), key=lambda k: int(k[5:]))]
 
 
+def deepest_stages(stages, count: int) -> dict:
+  """The ``count`` deepest ``"stage<i>"`` entries of a backbone's output (all if it has fewer)."""
+  names = sorted((k for k in stages if k.startswith("stage")), key=lambda k: int(k[5:]))
+  return {name: stages[name] for name in names[-count:]}
+
+
 STEMS = ("imagenet", "small", "cifar")
 STAGES = {
     "resnet_tiny": ((1, 1, 1), "basic"),
@@ -141,7 +156,7 @@ def names() -> list[str]:
 
 
 def get(name: str, *, width: int = 64, output_stride: int = 32, stem: str = "imagenet",
-        dtype=jnp.float32) -> ResNet:
+        dtype=jnp.float32, frozen_bn: bool = False) -> ResNet:
   """The backbone ``name`` (see :func:`names`)."""
   if name not in STAGES:
     raise ValueError(f"model.backbone: unknown backbone {name!r}; valid names: {names()}")
@@ -151,4 +166,4 @@ def get(name: str, *, width: int = 64, output_stride: int = 32, stem: str = "ima
   if stem not in STEMS:
     raise ValueError(f"model.stem: expected one of {STEMS}, got {stem!r}")
   stages, block = STAGES[name]
-  return ResNet(stages, block, width, output_stride, stem, dtype)
+  return ResNet(stages, block, width, output_stride, stem, dtype, bool(frozen_bn))

@@ -4,7 +4,8 @@ The multi-task model contract (every architecture follows it):
 
 - ``model.apply(variables, images, train=..., mutable=[...])`` returns
   ``{"features": features, task: task_output, ...}``;
-- ``encode(images, train) -> features``, any pytree (here the backbone's last stage), and
+- ``encode(images, train) -> features``, any pytree (here the backbone's last stage, or a dict
+  of its deepest stages when a head reads several, see :class:`MultiTaskModel`), and
   ``decode(features, task, output_size, train) -> output``: the train step differentiates with
   respect to the features (representation-level methods) and back-propagates each task through
   its own parameters only. ``encode`` uses only the parameters labelled ``"shared"``, ``decode``
@@ -26,18 +27,35 @@ _HEAD_PREFIX = "heads_"  # Linen's name for the entries of the ``heads`` dict at
 
 
 class MultiTaskModel(nn.Module):
-  """A backbone shared by all tasks and one head per task."""
+  """A backbone shared by all tasks and one head per task.
+
+  A head reads the backbone's last stage (one array) unless it declares ``feature_stages = n
+  > 1`` (a multi-scale head, e.g. FCOS on a feature pyramid): then ``encode`` returns the dict
+  ``{"stage<i>": ...}`` of the ``n`` deepest stages (the largest ``n`` any head asks for) and
+  ``decode`` hands that dict to such heads and its last stage to the others. With only
+  single-stage heads the features are the last stage, as before.
+  """
 
   backbone: nn.Module
   heads: Mapping[str, nn.Module]
 
+  def feature_stages(self) -> int:
+    """How many of the deepest backbone stages ``encode`` returns (1: one array)."""
+    return max((_stages_of(head) for head in self.heads.values()), default=1)
+
   def encode(self, images, train: bool = False):
-    """Shared features of ``images`` (B, H, W, 3): the backbone's last stage."""
-    return backbones.last_stage(self.backbone(images, train))
+    """Shared features of ``images`` (B, H, W, 3): the backbone's last stage, or a dict of its
+    deepest stages when a head reads several."""
+    stages = self.backbone(images, train)
+    count = self.feature_stages()
+    return backbones.last_stage(stages) if count == 1 else backbones.deepest_stages(stages, count)
 
   def decode(self, features, task: str, output_size, train: bool = False):
     """``task``'s output from the shared ``features``, at ``output_size`` (H, W)."""
-    return self.heads[task](features, tuple(output_size), train)
+    head = self.heads[task]
+    if isinstance(features, Mapping) and _stages_of(head) == 1:
+      features = backbones.last_stage(features)
+    return head(features, tuple(output_size), train)
 
   def __call__(self, images, train: bool = False):
     features = self.encode(images, train)
@@ -53,14 +71,19 @@ class MultiTaskModel(nn.Module):
     raise ValueError(f"parameter path {path}: not a part of this hard-sharing model")
 
 
+def _stages_of(head) -> int:
+  return int(getattr(head, "feature_stages", 1))
+
+
 def build(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int = 32,
-          stem: str = "imagenet", head_hidden: int = 64, dtype: str = "float32") -> MultiTaskModel:
+          stem: str = "imagenet", head_hidden: int = 64, dtype: str = "float32",
+          frozen_bn: bool = False) -> MultiTaskModel:
   """A hard-sharing model: backbone ``backbone`` and each task's own head (``task.head``)."""
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype: expected 'float32' or 'bfloat16', got {dtype!r}")
   compute_dtype = jnp.dtype(dtype)
   trunk = backbones.get(backbone, width=width, output_stride=output_stride, stem=stem,
-                        dtype=compute_dtype)
+                        dtype=compute_dtype, frozen_bn=frozen_bn)
   heads = {name: task.head(hidden=head_hidden, dtype=compute_dtype)
            for name, task in tasks.items()}
   return MultiTaskModel(trunk, heads)

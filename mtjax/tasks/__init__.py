@@ -9,7 +9,7 @@ A task's options (e.g. its class count) come from the dataset's per-task info
 
 import inspect
 
-from mtjax.tasks import classification, depth, labels, normals, segmentation
+from mtjax.tasks import classification, depth, detection, labels, normals, segmentation
 from mtjax.tasks.base import Evaluator, Task, check_batch, label_keys, loss_and_parts, summarize
 
 _REGISTRY = {
@@ -17,6 +17,7 @@ _REGISTRY = {
     "depth": depth.task,
     "normals": normals.task,
     "classification": classification.task,
+    "detection": detection.task,
 }
 
 

@@ -22,7 +22,7 @@ from mtjax import config as config_lib
 from mtjax import tasks as tasks_lib
 from mtjax.data import augment, pipeline
 from mtjax.errors import RunError, UserError
-from mtjax.models import labels
+from mtjax.models import labels, pretrained
 from mtjax.train import optim
 from mtjax.train import step as step_lib
 from mtjax.train import trainer as trainer_lib
@@ -57,7 +57,11 @@ def build(cfg) -> Experiment:
   with _building():
     model = models.build(cfg.model.backbone, tasks, width=cfg.model.width,
                          output_stride=cfg.model.output_stride, stem=cfg.model.stem,
-                         head_hidden=cfg.model.head_hidden, dtype=cfg.model.dtype)
+                         head_hidden=cfg.model.head_hidden, dtype=cfg.model.dtype,
+                         frozen_bn=bool(cfg.model.get("frozen_bn", False)))
+  if cfg.model.get("pretrained", ""):
+    with _building():
+      pretrained.check_path(cfg.model.pretrained)
   with _building("weighting.name"):
     weighting.hparams(cfg.weighting.name)
   with _building("weighting"):
@@ -65,12 +69,22 @@ def build(cfg) -> Experiment:
   with _building():
     if any(optim.group_rules(cfg.optimizer)):  # the groups cost a trace of the model
       optim.check_groups(cfg.optimizer, _groups(model, cfg))
-    optimizer = optim.make_optimizer(cfg.optimizer, cfg.num_steps,
+    optimizer = optim.make_optimizer(optimizer_config(cfg), cfg.num_steps,
                                      functools.partial(labels.label_tree, model))
     schedule = optim.make_schedule(cfg.optimizer, cfg.num_steps)
   label_keys = tuple(dict.fromkeys(k for task in tasks.values()
                                    for k in tasks_lib.label_keys(task)))
   return Experiment(model, tasks, method, optimizer, schedule, label_keys)
+
+
+def optimizer_config(cfg):
+  """``config.optimizer``, with the backbone's BatchNorm group ``"shared/bn"`` frozen when
+  ``config.model.frozen_bn`` is set."""
+  if not cfg.model.get("frozen_bn", False):
+    return cfg.optimizer
+  opt = cfg.optimizer.copy_and_resolve_references()
+  opt.frozen = (*optim.group_rules(cfg.optimizer)[1], f"{labels.SHARED}/bn")
+  return opt
 
 
 def _groups(model, cfg) -> list[str]:
@@ -87,7 +101,7 @@ def make_trainer(cfg, exp: Experiment, mesh):
     return trainer_lib.make_trainer(
         exp.model, exp.tasks, exp.method, exp.optimizer, image_shape=(*cfg.dataset.image_size, 3),
         batch_size=cfg.batch_size, grad_level=cfg.grad_level, frozen=optim.group_rules(
-            cfg.optimizer)[1], lookahead_lr=exp.schedule, mesh=mesh,
+            optimizer_config(cfg))[1], lookahead_lr=exp.schedule, mesh=mesh,
         nonfinite=cfg.get("nonfinite", "stop"),
         max_consecutive_skips=cfg.get("max_consecutive_skips", 10),
         task_chunk=cfg.get("task_chunk", 0))
@@ -153,13 +167,19 @@ def check_workdir(cfg, workdir: str) -> int | None:
   return None
 
 
-def initial_state(cfg, trainer, workdir: str, step: int | None):
-  """A fresh state seeded by ``cfg.seed``, or the newest readable checkpoint if ``step`` is set.
+def initial_state(cfg, trainer, workdir: str, step: int | None, model=None):
+  """A fresh state seeded by ``cfg.seed`` (its backbone from ``config.model.pretrained`` if
+  set), or the newest readable checkpoint if ``step`` is set.
 
   A newer checkpoint that cannot be read is reported and moved aside
   (:func:`mtjax.checkpoint.restore_newest`).
   """
   state = trainer.init(jax.random.PRNGKey(cfg.seed))
+  if step is None and cfg.model.get("pretrained", ""):
+    with _building():
+      params, stats = pretrained.load_backbone(model, state.params, state.batch_stats,
+                                               cfg.model.pretrained)
+    state = state._replace(params=params, batch_stats=stats)
   if step is not None:
     state, _, _ = checkpoint.restore_newest(os.path.join(workdir, "checkpoints"), state,
                                             warn=warn)
@@ -274,7 +294,7 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   except OSError as e:
     raise UserError(f"--workdir: cannot write to {workdir!r}: {e.strerror or e}") from e
 
-  state = initial_state(cfg, trainer, workdir, resume_step)
+  state = initial_state(cfg, trainer, workdir, resume_step, exp.model)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   log_path = os.path.join(workdir, "metrics.jsonl")
   saved = None

@@ -1,0 +1,358 @@
+"""Object detection: FCOS (Tian et al., 2019), anchor-free, on a small feature pyramid.
+
+What is taken from the paper (arXiv:1904.01355v5) and its "improvements" (§ 3.3 and Table 3
+of v5, also the defaults of the authors' repository):
+
+- **Pyramid**: the ``feature_stages`` (3) deepest backbone stages of stride ≥ ``min_stride``
+  (4) — C3–C5 of a ResNet with the ImageNet stem; at 64×64 with the small stem, the stages of
+  stride 4 and 8 (two levels: stride 2 would cost 4× the rest of the head) — each a
+  lateral 1×1 convolution, a top-down pathway (nearest upsampling and sum) and a 3×3 output
+  convolution (Lin et al., 2017, FPN). No P6/P7 (at 64×64 the image is 2×2 at stride 32).
+- **Head**, shared across levels: a classification and a regression tower of ``tower_depth``
+  3×3 convolutions with GroupNorm (4 in the paper, 2 here: CPU-sized), class logits with the
+  prior bias ``-log((1 - π) / π)``, π = 0.01 (focal loss, Lin et al., 2017), box distances
+  ``exp(s_l · x) · stride_l`` (a learned scale per level, eq. in § 3.1; regression normalised
+  by the stride: improvement), centerness on the regression tower (improvement).
+- **Targets** (§ 3.1–3.2): a point is a candidate for a box when it lies inside the box — with
+  *center sampling* (improvement, radius 1.5 strides: inside the box and within 1.5 strides of
+  its centre; ``center_sampling=0`` is the paper's plain rule) — and the largest of its four
+  distances falls in its level's range; the ranges are those of the paper for a pyramid whose
+  first level has stride s: ``[0, 8s], [8s, 16s], …, [.., ∞]`` (P3–P7: 0, 64, 128, 256, 512, ∞).
+  A point with several candidate boxes regresses the one with the smallest area (§ 3.2).
+- **Loss** (eq. 2): focal loss (α = 0.25, γ = 2) over every point and class, normalised by the
+  number of positive points; GIoU loss (Rezatofighi et al., 2019; improvement over IoU loss)
+  weighted by the centerness targets and normalised by their sum (authors' repository);
+  centerness binary cross-entropy over the positive points. The parts are returned and logged.
+- **Decoding** (§ 3.1 inference): score ``sqrt(σ(class) · σ(centerness))``, top-``pre_nms_top_k``
+  per level, candidates with ``σ(class) > score_threshold`` (0.05), class-aware NMS at IoU 0.6,
+  at most ``max_detections`` per image; all fixed-shape, batched, jittable.
+
+Labels (``boxes`` (M, 4) normalised ``(y0, x0, y1, x1)``, ``box_classes`` (M,) in 1..C with 0
+for padding rows) have a fixed ``max_boxes`` rows; an image with no object is valid. COCO AP,
+AP50, AP75 and AR come from ``faster-coco-eval`` as the task's host-side :class:`Evaluator`.
+"""
+
+import functools
+import math
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mtjax.tasks import box_ops
+from mtjax.tasks.base import Evaluator, Task, example_mask, needs_classes
+
+FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0   # Lin et al. (2017), used by FCOS
+PRIOR = 0.01                           # π of the class logits' bias
+CENTER_SAMPLING = 1.5                  # radius in strides (FCOS improvements)
+NMS_IOU, SCORE_THRESHOLD = 0.6, 0.05   # FCOS inference
+PRE_NMS_TOP_K, MAX_DETECTIONS = 100, 100
+
+
+def _norm_groups(channels: int) -> int:
+  """GroupNorm groups: 32 as in FCOS where the width allows, at least 4 channels a group."""
+  return next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0 and channels // g >= 4
+              or g == 1)
+
+
+def _stage_index(name: str) -> int:
+  return int(name[5:]) if name[5:].isdigit() else 0
+
+
+class FCOSHead(nn.Module):
+  """FPN over the deepest backbone stages and the FCOS head shared across its levels.
+
+  ``features``: the dict ``{"stage<i>": (B, h, w, c)}`` the model gives a head with
+  ``feature_stages > 1`` (or one array). Returns a list, one dict per level (shallow to deep):
+  ``cls`` (B, P, C) logits, ``box`` (B, P, 4) distances ``(l, t, r, b)`` in pixels,
+  ``centerness`` (B, P) logits, and the level's constants ``points`` (P, 2) (x, y) pixel centres,
+  ``stride``, ``range`` (2,) (the regression range of its targets) and ``image_size`` (2,).
+  """
+
+  num_classes: int
+  hidden: int = 64
+  dtype: jnp.dtype = jnp.float32
+  feature_stages: int = 3   # pyramid levels: read by the model (MultiTaskModel.encode)
+  tower_depth: int = 2
+  min_stride: int = 4       # finer stages are left out (their cost, ≥ 9 px objects at 64×64)
+
+  @nn.compact
+  def __call__(self, features, output_size, train: bool):
+    del train  # GroupNorm only: no batch statistics
+    if not isinstance(features, Mapping):
+      features = {"stage": features}
+    names = sorted(features, key=_stage_index)[-self.feature_stages:]
+    maps = [features[n] for n in names]
+    coarse = [m for m in maps if output_size[0] / m.shape[1] >= self.min_stride]
+    maps = coarse or maps[-1:]
+    conv = functools.partial(nn.Conv, dtype=self.dtype)
+    lateral = [conv(self.hidden, (1, 1), name=f"lateral{i}")(m) for i, m in enumerate(maps)]
+    pyramid = [None] * len(maps)
+    top = lateral[-1]
+    for i in reversed(range(len(maps))):
+      if i < len(maps) - 1:
+        top = lateral[i] + jax.image.resize(top, lateral[i].shape, "nearest")
+      pyramid[i] = conv(self.hidden, (3, 3), padding=1, name=f"fpn{i}")(top)
+
+    def tower(prefix):
+      layers = [(conv(self.hidden, (3, 3), padding=1, name=f"{prefix}_conv{k}"),
+                 nn.GroupNorm(_norm_groups(self.hidden), dtype=self.dtype,
+                              name=f"{prefix}_norm{k}")) for k in range(self.tower_depth)]
+      def apply(x):
+        for c, n in layers:
+          x = nn.relu(n(c(x)))
+        return x
+      return apply
+
+    cls_tower, box_tower = tower("cls"), tower("box")
+    prior_bias = nn.initializers.constant(-math.log((1 - PRIOR) / PRIOR))
+    cls_out = conv(self.num_classes, (3, 3), padding=1, bias_init=prior_bias, name="cls_logits")
+    box_out = conv(4, (3, 3), padding=1, name="box_pred")
+    ctr_out = conv(1, (3, 3), padding=1, name="centerness")
+    height, width = output_size
+    first_stride = height / pyramid[0].shape[1]
+    levels = []
+    for i, p in enumerate(pyramid):
+      batch, h, w, _ = p.shape
+      stride = height / h
+      scale = self.param(f"scale{i}", nn.initializers.ones, ())
+      c, r = cls_tower(p), box_tower(p)
+      distances = jnp.exp(jnp.clip(scale * box_out(r).astype(jnp.float32), -10.0, 10.0)) * stride
+      ys, xs = jnp.meshgrid((jnp.arange(h) + 0.5) * (height / h),
+                            (jnp.arange(w) + 0.5) * (width / w), indexing="ij")
+      lo = 0.0 if i == 0 else 8.0 * first_stride * 2 ** (i - 1)
+      hi = jnp.inf if i == len(pyramid) - 1 else 8.0 * first_stride * 2**i
+      levels.append({
+          "cls": cls_out(c).astype(jnp.float32).reshape(batch, h * w, self.num_classes),
+          "box": distances.reshape(batch, h * w, 4),
+          "centerness": ctr_out(r).astype(jnp.float32).reshape(batch, h * w),
+          "points": jnp.stack([xs, ys], -1).reshape(h * w, 2).astype(jnp.float32),
+          "stride": jnp.full((), stride, jnp.float32),
+          "range": jnp.array([lo, hi], jnp.float32),
+          "image_size": jnp.array([height, width], jnp.float32),
+      })
+    return levels
+
+
+def _concat_levels(levels):
+  """Per-point arrays of all levels: cls, box, centerness, points, strides, ranges."""
+  cat = functools.partial(jnp.concatenate, axis=1)
+  sizes = [lv["points"].shape[0] for lv in levels]
+  return (cat([lv["cls"] for lv in levels]), cat([lv["box"] for lv in levels]),
+          cat([lv["centerness"] for lv in levels]),
+          jnp.concatenate([lv["points"] for lv in levels]),
+          jnp.concatenate([jnp.full((n,), lv["stride"]) for n, lv in zip(sizes, levels,
+                                                                         strict=True)]),
+          jnp.concatenate([jnp.broadcast_to(lv["range"], (n, 2))
+                           for n, lv in zip(sizes, levels, strict=True)]))
+
+
+def assign(points, strides, ranges, boxes, classes, center_sampling: float = CENTER_SAMPLING):
+  """FCOS targets of one image: ``(labels (P,) in 0..C (0: background), distances (P, 4))``.
+
+  ``points`` (P, 2) pixel (x, y); ``strides`` (P,); ``ranges`` (P, 2); ``boxes`` (M, 4) pixel
+  ``(x0, y0, x1, y1)``; ``classes`` (M,) with 0 for padding rows. A point's candidates are the
+  real boxes it lies in (within ``center_sampling`` strides of the centre if > 0) whose largest
+  distance is in the point's range; the one of smallest area wins. Jittable, fixed shapes.
+  """
+  distances = box_ops.encode(points[:, None, :], boxes[None, :, :])        # (P, M, 4)
+  inside = jnp.min(distances, axis=-1) > 0
+  if center_sampling > 0:
+    centre = 0.5 * (boxes[:, :2] + boxes[:, 2:])                            # (M, 2)
+    radius = center_sampling * strides[:, None, None]                      # (P, 1, 1)
+    lo = jnp.maximum(centre[None] - radius, boxes[None, :, :2])
+    hi = jnp.minimum(centre[None] + radius, boxes[None, :, 2:])
+    inside &= jnp.all((points[:, None] > lo) & (points[:, None] < hi), axis=-1)
+  largest = jnp.max(distances, axis=-1)
+  in_range = (largest >= ranges[:, 0:1]) & (largest <= ranges[:, 1:2])
+  candidate = inside & in_range & (classes > 0)[None, :]
+  areas = jnp.where(candidate, box_ops.area(boxes)[None, :], jnp.inf)
+  best = jnp.argmin(areas, axis=-1)
+  positive = jnp.any(candidate, axis=-1)
+  labels = jnp.where(positive, classes[best], 0)
+  targets = jnp.take_along_axis(distances, best[:, None, None], axis=1)[:, 0]
+  return labels, targets
+
+
+def _image_size(levels):
+  """(H, W) of the input image."""
+  return levels[0]["image_size"][0], levels[0]["image_size"][1]
+
+
+def _terms(levels, batch, center_sampling):
+  """Per-point loss terms and their normalisers (sums over the batch's labelled images)."""
+  cls, box, ctr, points, strides, ranges = _concat_levels(levels)
+  num_classes = cls.shape[-1]
+  batch_size = cls.shape[0]
+  gt = box_ops.from_normalized(jnp.asarray(batch["boxes"], jnp.float32), _image_size(levels))
+  labels, targets = jax.vmap(assign, in_axes=(None, None, None, 0, 0, None))(
+      points, strides, ranges, gt, jnp.asarray(batch["box_classes"], jnp.int32), center_sampling)
+  mask = example_mask(batch, "detection", batch_size)                     # (B,)
+  onehot = jax.nn.one_hot(labels - 1, num_classes)                         # background: zeros
+  focal = optax.sigmoid_focal_loss(cls, onehot, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA)
+  positive = (labels > 0) * mask[:, None]                                  # (B, P)
+  # Sanitised boxes where a point is negative: no NaN reaches the gradient through `where`.
+  safe = jnp.where(positive[..., None] > 0, targets, 1.0)
+  ctr_target = box_ops.centerness(safe) * positive
+  pred_boxes = box_ops.decode(points, jnp.where(positive[..., None] > 0, box, 1.0))
+  giou = box_ops.giou(pred_boxes, box_ops.decode(points, safe))
+  bce = optax.sigmoid_binary_cross_entropy(ctr, ctr_target)
+  return {
+      "cls": (jnp.sum(focal * mask[:, None, None]), jnp.sum(positive)),
+      "box": (jnp.sum((1.0 - giou) * ctr_target), jnp.sum(ctr_target)),
+      "centerness": (jnp.sum(bce * positive), jnp.sum(positive)),
+  }
+
+
+def loss_fn(levels, batch, *, center_sampling=CENTER_SAMPLING):
+  """FCOS loss (eq. 2) and its parts ``{"cls", "box", "centerness"}``; finite with no objects."""
+  terms = _terms(levels, batch, center_sampling)
+  parts = {name: total / jnp.maximum(count, 1e-6 if name == "box" else 1.0)
+           for name, (total, count) in terms.items()}
+  return sum(parts.values()), parts
+
+
+def metrics_fn(levels, batch, *, center_sampling=CENTER_SAMPLING):
+  """The loss parts as exact sums: focal loss per positive point, GIoU loss per unit of
+  centerness, centerness BCE per positive point (COCO AP comes from the evaluator)."""
+  terms = _terms(levels, batch, center_sampling)
+  return {f"{name}_loss": pair for name, pair in terms.items()}
+
+
+def _decode_image(cls, box, ctr, points, level_sizes, *, pre_nms_top_k, score_threshold,
+                  nms_iou, max_detections):
+  """One image's detections: (boxes (K, 4) pixels, scores (K,), classes (K,) 1..C, valid)."""
+  num_classes = cls.shape[-1]
+  prob = jax.nn.sigmoid(cls)
+  score = jnp.sqrt(prob * jax.nn.sigmoid(ctr)[:, None])                   # (P, C)
+  cand_boxes, cand_scores, cand_classes, cand_valid = [], [], [], []
+  start = 0
+  for size in level_sizes:  # per-level top-k (static sizes)
+    s = score[start:start + size].reshape(-1)
+    k = min(pre_nms_top_k, s.shape[0])
+    top, index = jax.lax.top_k(s, k)
+    point, klass = index // num_classes, index % num_classes
+    point = point + start
+    cand_boxes.append(box_ops.decode(points[point], box[point]))
+    cand_scores.append(top)
+    cand_classes.append(klass + 1)
+    cand_valid.append(prob[point, klass] > score_threshold)
+    start += size
+  boxes, scores = jnp.concatenate(cand_boxes), jnp.concatenate(cand_scores)
+  classes, valid = jnp.concatenate(cand_classes), jnp.concatenate(cand_valid)
+  keep = box_ops.nms(boxes, scores, classes, valid, nms_iou)
+  k = min(max_detections, scores.shape[0])
+  top, index = jax.lax.top_k(jnp.where(keep, scores, -1.0), k)
+  return boxes[index], jnp.maximum(top, 0.0), classes[index], top >= 0
+
+
+def predict_fn(levels, *, pre_nms_top_k=PRE_NMS_TOP_K, score_threshold=SCORE_THRESHOLD,
+               nms_iou=NMS_IOU, max_detections=MAX_DETECTIONS):
+  """Batched detections: ``boxes`` (B, K, 4) normalised ``(y0, x0, y1, x1)``, ``scores``,
+  ``classes`` (1..C), ``valid`` (B, K); K = ``max_detections`` (fewer only if there are fewer
+  candidates). Fixed shapes whatever the number of objects: compiles once."""
+  cls, box, ctr, points, _, _ = _concat_levels(levels)
+  sizes = tuple(lv["points"].shape[0] for lv in levels)
+  decode_one = functools.partial(_decode_image, points=points, level_sizes=sizes,
+                                 pre_nms_top_k=pre_nms_top_k, score_threshold=score_threshold,
+                                 nms_iou=nms_iou, max_detections=max_detections)
+  boxes, scores, classes, valid = jax.vmap(decode_one)(cls, box, ctr)
+  return {"boxes": box_ops.to_normalized(boxes, _image_size(levels)), "scores": scores,
+          "classes": classes, "valid": valid}
+
+
+# --- COCO evaluation on the host ------------------------------------------------------------
+
+def _coco_boxes(boxes, height, width):
+  """Normalised (y0, x0, y1, x1) -> COCO pixel (x, y, w, h)."""
+  boxes = np.asarray(boxes, np.float64)
+  x0, y0 = boxes[:, 1] * width, boxes[:, 0] * height
+  return np.stack([x0, y0, boxes[:, 3] * width - x0, boxes[:, 2] * height - y0], axis=1)
+
+
+def coco_update(state, predictions, batch):
+  """Adds one host batch: ground truth and detections of its real, labelled images."""
+  images, annotations, detections = state
+  size = len(batch["boxes"])
+  height, width = np.asarray(batch["image"]).shape[1:3] if "image" in batch else (1, 1)
+  keep = np.ones(size, bool)
+  for key in ("mask", "detection_mask"):
+    if key in batch:
+      keep &= np.asarray(batch[key]).reshape(size) > 0
+  for b in np.flatnonzero(keep):
+    image_id = len(images) + 1
+    images.append({"id": image_id, "height": int(height), "width": int(width)})
+    real = np.asarray(batch["box_classes"][b]) > 0
+    for xywh, c in zip(_coco_boxes(batch["boxes"][b][real], height, width),
+                       np.asarray(batch["box_classes"][b])[real], strict=True):
+      annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                          "category_id": int(c), "bbox": [float(v) for v in xywh],
+                          "area": float(xywh[2] * xywh[3]), "iscrowd": 0})
+    valid = np.asarray(predictions["valid"][b], bool)
+    for xywh, s, c in zip(_coco_boxes(predictions["boxes"][b][valid], height, width),
+                          np.asarray(predictions["scores"][b])[valid],
+                          np.asarray(predictions["classes"][b])[valid], strict=True):
+      detections.append({"image_id": image_id, "category_id": int(c),
+                         "bbox": [float(v) for v in xywh], "score": float(s)})
+  return state
+
+
+def coco_result(state, num_classes: int) -> dict[str, float]:
+  """COCO AP (IoU .50:.95), AP50, AP75 and AR (100 detections) by ``faster-coco-eval``.
+
+  No ground-truth object in the split: NaN. No detection: 0.
+  """
+  try:
+    from faster_coco_eval import COCO, COCOeval_faster
+  except ImportError as e:
+    raise ImportError("the detection task's COCO metrics need faster-coco-eval: "
+                      "pip install 'mtjax[detection]'") from e
+  images, annotations, detections = state
+  names = ("ap", "ap50", "ap75", "ar")
+  if not annotations:
+    return dict.fromkeys(names, float("nan"))
+  if not detections:
+    return dict.fromkeys(names, 0.0)
+  gt = COCO()
+  gt.dataset = {"images": images, "annotations": annotations,
+                "categories": [{"id": c} for c in range(1, num_classes + 1)]}
+  gt.createIndex()
+  evaluation = COCOeval_faster(gt, gt.loadRes(detections), "bbox", print_function=lambda *a: None)
+  evaluation.evaluate()
+  evaluation.accumulate()
+  evaluation.summarize()
+  stats = evaluation.stats
+  return {"ap": float(stats[0]), "ap50": float(stats[1]), "ap75": float(stats[2]),
+          "ar": float(stats[8])}
+
+
+def evaluator(num_classes: int) -> Evaluator:
+  """COCO metrics over a split, fed with :func:`predict_fn`'s output and the host batches."""
+  return Evaluator(init=lambda: ([], [], []), update=coco_update,
+                   result=functools.partial(coco_result, num_classes=num_classes))
+
+
+def task(num_classes: int | None = None, max_boxes: int | None = None,
+         center_sampling: float = CENTER_SAMPLING) -> Task:
+  """``num_classes``: object classes (no background); ``max_boxes``: rows of the box labels."""
+  def label_spec(size):
+    del size
+    if not isinstance(max_boxes, (int, np.integer)) or max_boxes < 1:
+      raise ValueError(f"task 'detection': max_boxes: expected a positive int (from the "
+                       f"dataset's per-task info), got {max_boxes!r}")
+    return {"boxes": ((int(max_boxes), 4), jnp.float32),
+            "box_classes": ((int(max_boxes),), jnp.int32)}
+
+  return Task(
+      name="detection",
+      head=lambda **kw: FCOSHead(needs_classes("detection", num_classes), **kw),
+      loss_fn=functools.partial(loss_fn, center_sampling=center_sampling),
+      metrics_fn=functools.partial(metrics_fn, center_sampling=center_sampling),
+      predict_fn=predict_fn,
+      label_spec=label_spec,
+      higher_is_better={"ap": True, "ap50": True},
+      evaluator=evaluator(needs_classes("detection", num_classes)),
+  )
