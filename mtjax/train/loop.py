@@ -196,7 +196,7 @@ def evaluate_split(evaluate, state, arrays, tasks, batch_size, mesh) -> dict:
   hosted = {name: task.evaluator for name, task in tasks.items() if task.evaluator is not None}
   host_states = {name: evaluator.init() for name, evaluator in hosted.items()}
   for batch in pipeline.eval_batches(arrays, batch_size):
-    sums, predictions = evaluate(state, step_lib.shard_batch(batch, mesh))
+    sums, predictions = evaluate(state, _device_batch(batch, mesh))
     totals = metrics.accumulate(totals, sums)
     for name, evaluator in hosted.items():
       host_states[name] = evaluator.update(host_states[name],
@@ -205,6 +205,19 @@ def evaluate_split(evaluate, state, arrays, tasks, batch_size, mesh) -> dict:
   for name, evaluator in hosted.items():
     results[name].update(evaluator.result(host_states[name]))
   return results
+
+
+def _device_batch(batch, mesh):
+  """A global host batch on ``mesh``; on several hosts each process sends only its rows."""
+  return step_lib.shard_batch(
+      pipeline.process_slice(batch, jax.process_index(), jax.process_count()), mesh)
+
+
+def make_mesh(cfg):
+  """The device mesh of ``config.mesh`` (``{"data": d, "fsdp": f}``; default: data only)."""
+  with _building():
+    shape = cfg.get("mesh", None)
+    return step_lib.make_mesh(shape=shape.to_dict() if hasattr(shape, "to_dict") else shape)
 
 
 def _flat(results, prefix):
@@ -233,7 +246,7 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
 
   ``stop_after`` ends the run after that many steps of this call (to test resuming).
   """
-  mesh = step_lib.make_mesh()
+  mesh = make_mesh(cfg)
   config_lib.validate(cfg, mesh.size)
   exp = build(cfg)
   trainer = make_trainer(cfg, exp, mesh)
@@ -262,14 +275,13 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
     _rewind_log(log_path, saved)
   elif os.path.exists(log_path):
     os.remove(log_path)
-  state = step_lib.replicate(state, mesh)
   if exp.method.level == "meta":
     meta_arrays = train_arrays if cfg.meta_split == "train" else val_arrays
 
     def train_step(state, batch, step):  # the meta batch: an independent draw (seed + 1)
       meta_batch = pipeline.train_batch(meta_arrays, seed=cfg.seed + 1, step=step,
                                         batch_size=cfg.batch_size)
-      return trainer.step(state, batch, step_lib.shard_batch(meta_batch, mesh))
+      return trainer.step(state, batch, _device_batch(meta_batch, mesh))
   else:
     def train_step(state, batch, step):
       del step
@@ -292,7 +304,7 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
       for step in range(first, last):
         batch = pipeline.train_batch(train_arrays, seed=cfg.seed, step=step,
                                      batch_size=cfg.batch_size)
-        state, step_metrics = train_step(state, step_lib.shard_batch(batch, mesh), step)
+        state, step_metrics = train_step(state, _device_batch(batch, mesh), step)
         done = step + 1
         logs = cfg.log_every and (done % cfg.log_every == 0 or done == cfg.num_steps)
         evals = cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.num_steps
@@ -362,7 +374,7 @@ def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None) -> dict:
 
 def evaluate(cfg, workdir: str) -> dict:
   """Restores the newest checkpoint of ``workdir`` and writes the results (``mtjax eval``)."""
-  mesh = step_lib.make_mesh()
+  mesh = make_mesh(cfg)
   config_lib.validate(cfg, mesh.size)
   exp = build(cfg)
   trainer = make_trainer(cfg, exp, mesh)
