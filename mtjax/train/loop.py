@@ -207,6 +207,12 @@ def evaluate_split(evaluate, state, arrays, tasks, batch_size, mesh) -> dict:
   return results
 
 
+def _primary() -> bool:
+  """Whether this process writes the workdir's files (one host: always; several: process 0;
+  orbax coordinates the checkpoints itself)."""
+  return jax.process_index() == 0
+
+
 def _device_batch(batch, mesh):
   """A global host batch on ``mesh``; on several hosts each process sends only its rows."""
   return step_lib.shard_batch(
@@ -261,8 +267,9 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
     raise UserError(f"dataset {cfg.dataset.name!r}: {e}") from None
   try:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(cfg.to_dict(), f, indent=2, default=list)
+    if _primary():
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2, default=list)
   except OSError as e:
     raise UserError(f"--workdir: cannot write to {workdir!r}: {e.strerror or e}") from e
 
@@ -272,8 +279,9 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   saved = None
   if resume_step is not None:
     saved = int(state.step)
-    _rewind_log(log_path, saved)
-  elif os.path.exists(log_path):
+    if _primary():
+      _rewind_log(log_path, saved)
+  elif os.path.exists(log_path) and _primary():
     os.remove(log_path)
   if exp.method.level == "meta":
     meta_arrays = train_arrays if cfg.meta_split == "train" else val_arrays
@@ -300,7 +308,7 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   tick, tick_step = time.perf_counter(), first
   skipped = None
   try:
-    with open(log_path, "a") as log:
+    with open(log_path if _primary() else os.devnull, "a") as log:
       for step in range(first, last):
         batch = pipeline.train_batch(train_arrays, seed=cfg.seed, step=step,
                                      batch_size=cfg.batch_size)
@@ -362,9 +370,11 @@ def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None) -> dict:
     tables.append(metrics.format_table(results, None if np.isnan(delta) else delta,
                                        f"{split}, step {int(state.step)}, "
                                        f"method {cfg.weighting.name}"))
+  text = "\n\n".join(tables)
+  if not _primary():  # several hosts: process 0 writes the files
+    return out
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(out, f, indent=2)
-  text = "\n\n".join(tables)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(text + "\n")
   print(text)
