@@ -133,10 +133,15 @@ def state_shardings(state, mesh: Mesh):
 
 def place(tree, shardings):
   """``tree`` (host or device arrays, the same value on every process) laid out as
-  ``shardings``: one fresh buffer per leaf (donatable); each process builds only its shards."""
+  ``shardings`` (a pytree of them, or one for every leaf): one fresh buffer per leaf
+  (donatable); each process builds only its shards."""
   def put(x, sharding):
+    if isinstance(x, jax.core.Tracer):  # under jit or eval_shape: a layout constraint
+      return jax.lax.with_sharding_constraint(x, sharding)
     host = np.asarray(jax.device_get(x))
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  if isinstance(shardings, jax.sharding.Sharding):  # one for every leaf
+    return jax.tree_util.tree_map(lambda x: put(x, shardings), tree)
   return jax.tree_util.tree_map(put, tree, shardings)
 
 
