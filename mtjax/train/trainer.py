@@ -46,7 +46,8 @@ class Trainer(NamedTuple):
   step: Callable
   evaluate: Callable
   grad_level: str
-  shardings: object = None  # the state's NamedShardings (a TrainState of them)
+  # Where the state lives: one replicated NamedSharding (fsdp == 1), else a TrainState of them.
+  shardings: object = None
 
 
 def gradient_like(model, params, batch_stats, *, grad_level, image_shape, batch_size):
