@@ -136,9 +136,10 @@ def place(tree, shardings):
   ``shardings`` (a pytree of them, or one for every leaf): one fresh buffer per leaf
   (donatable); each process builds only its shards."""
   def put(x, sharding):
-    if isinstance(x, jax.core.Tracer):  # under jit or eval_shape: a layout constraint
+    try:
+      host = np.asarray(jax.device_get(x))
+    except jax.errors.TracerArrayConversionError:  # under jit or eval_shape: a constraint
       return jax.lax.with_sharding_constraint(x, sharding)
-    host = np.asarray(jax.device_get(x))
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
   if isinstance(shardings, jax.sharding.Sharding):  # one for every leaf
     return jax.tree_util.tree_map(lambda x: put(x, shardings), tree)

@@ -84,7 +84,9 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
   :func:`mtjax.train.step.apply_gradients`. ``task_chunk > 0``: at the parameter level, with a
   method that has ``from_gram``, the Gram matrix of the task gradients is computed that many
   tasks at a time (bounded memory for many tasks, one more backward pass; see
-  :func:`mtjax.train.step.balance`); 0 (default): all tasks at once.
+  :func:`mtjax.train.step.balance`); 0 (default): all tasks at once. ``mesh``: from
+  :func:`mtjax.train.step.make_mesh` (default: every device on ``"data"``); with an ``"fsdp"``
+  axis of size > 1 the state's parameter-shaped leaves are split on it (the module docstring).
   """
   check_grad_level(model, grad_level)
   check_task_chunk(model, method, grad_level, task_chunk)
