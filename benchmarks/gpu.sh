@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/gpu.sh compare    # mtjax vs PyTorch (eager, torch.compile, LibMTL-style loop,
 #                                     # torchjd), ResNet-50 setup of ../shared/REFERENCE.md
-#   bash benchmarks/gpu.sh w1 .. w5   # benchmarks/step_time.py --setup resnet50, the weighting
-#                                     # methods split in five groups (each measures ew again)
+#   bash benchmarks/gpu.sh w1 .. w7   # benchmarks/step_time.py --setup resnet50, the weighting
+#                                     # methods split in seven groups (each measures ew again)
 #   bash benchmarks/gpu.sh t10        # 10 tasks, representation level, four methods
 #   bash benchmarks/gpu.sh all        # everything in turn (a machine held long enough)
 #
@@ -53,6 +53,8 @@ declare -A CHUNK_METHODS=(
   [w3]="moco,db_mtl,dualproj,con_fig"
   [w4]="graddrop,gradnorm,auto_lambda"
   [w5]="fixed,uw,dwa,rlw,gls,famo"
+  [w6]="excess_mtl,fairgrad,sdmgrad,modo"
+  [w7]="forum,moml,weight_net,go4align,igb,stch"
 )
 
 check_groups() {  # every registered method is in one group
@@ -79,7 +81,7 @@ run_chunk() {
     compare)
       timeout "$LIMIT" python3 benchmarks/compare_torch.py --setup "$SETUP" "${CMP_SIZE[@]}" \
         --out "$OUT" ;;
-    w[1-5])
+    w[1-7])
       local methods="${CHUNK_METHODS[$chunk]}"
       [[ "$DRY" == "1" ]] && methods="${methods%%,*}"
       timeout "$LIMIT" python3 benchmarks/step_time.py --setup "$SETUP" "${ST_SIZE[@]}" \
@@ -91,7 +93,7 @@ run_chunk() {
         --num-tasks 10 --levels representation --methods "$methods" \
         --out "$OUT/step_time_r50_t10" ;;
     *)
-      echo "gpu.sh: unknown chunk '$chunk' (compare, w1..w5, t10, all)" >&2; return 2 ;;
+      echo "gpu.sh: unknown chunk '$chunk' (compare, w1..w7, t10, all)" >&2; return 2 ;;
   esac
 }
 
@@ -100,7 +102,7 @@ info
 if [[ "$chunk" == "all" ]]; then
   check_groups
   failed=()
-  for c in compare w1 w2 w3 w4 w5 t10; do  # a chunk that fails (or times out) does not stop the rest
+  for c in compare w1 w2 w3 w4 w5 w6 w7 t10; do  # a chunk that fails (or times out) does not stop the rest
     run_chunk "$c" 2>&1 | tee "$OUT/$c.log" || failed+=("$c")
   done
   if (( ${#failed[@]} )); then
