@@ -24,9 +24,11 @@ even rounds, last in odd ones), so both see the same machine load. Medians, quar
 are over all rounds' timed steps; the ratio is mtjax's median over the peer's. Each step is timed
 to completion (``jax.block_until_ready``; ``torch.cuda.synchronize`` on a GPU).
 
-Writes ``<out>/compare_torch_<setup>.json`` (every step time, hardware, versions, load) and
-``.md`` (the table). ``--torch off`` (or no torch installed, with ``--torch auto``) measures the
-mtjax side alone.
+Writes ``<out>/compare_torch_<setup>.json`` (every step time, hardware, versions, the load
+average before and after) and ``.md`` (the table the README shows) -- the table only when the
+1-minute load average stayed within the usable cores (else a warning; ``--allow-busy`` writes
+it marked as not a speed figure). ``--torch off`` (or no torch installed, with ``--torch
+auto``) measures the mtjax side alone.
 """
 
 import os
@@ -99,7 +101,35 @@ def parse_args(argv=None):
   p.add_argument("--out", default=None, help="directory for compare_torch_<setup>.json/.md")
   p.add_argument("--render", default=None, metavar="JSON",
                  help="measure nothing: rewrite JSON's .md (and its per-round ratios)")
+  p.add_argument("--allow-busy", action="store_true",
+                 help="write the .md table even when the load average exceeded the core count "
+                      "(it then says it is not a speed figure); for tests")
   return p.parse_args(argv)
+
+
+def busy(info) -> str | None:
+  """Why the run is not a speed figure (the 1-minute load average, before or after, above the
+  usable CPU cores: other jobs shared the machine), or None."""
+  hw = info["hardware"]
+  cores = hw.get("cpus_usable") or hw.get("cpu_count") or 1
+  load = max(info["load_before"][0], info["load_after"][0])
+  if load > cores:
+    return (f"the load average reached {load:.2f} on {cores} usable cores: other jobs shared "
+            "the machine, so these times are not a speed figure; rerun on an idle machine")
+  return None
+
+
+def write_table(path_md: str, info, table: str, allow_busy: bool) -> bool:
+  """Writes the .md table (what the README shows) unless the machine was busy; says why not."""
+  reason = busy(info)
+  if reason and not allow_busy:
+    print(f"compare_torch: WARNING: {reason}. The table {path_md} was NOT written (the JSON "
+          "keeps every time); --allow-busy writes it anyway, marked.", file=sys.stderr,
+          flush=True)
+    return False
+  with open(path_md, "w") as f:
+    f.write(table)
+  return True
 
 
 def resolve(args):
@@ -288,6 +318,8 @@ def markdown(info, rows):
       f"- load average (1, 5, 15 min) before: {info['load_before']}, after: {info['load_after']}",
       f"- date: {info['date']}; command: `{info['command']}`",
   ]
+  if busy(info):
+    lines.append(f"- **NOT A SPEED FIGURE: {busy(info)}.**")
   if info.get("check"):
     c = info["check"]
     lines.append(f"- equal-weights check (first EW step, same init and batch): losses max rel. "
@@ -329,7 +361,7 @@ def _torch_wanted(mode):
   return True
 
 
-def render(path):
+def render(path, allow_busy=False):
   """Rewrites the table of a saved run (``--render``); returns its result."""
   with open(path) as f:
     result = json.load(f)
@@ -340,15 +372,15 @@ def render(path):
                                          result["info"]["rounds"])
   with open(path, "w") as f:
     json.dump(result, f, indent=2)
-  with open(path[:-len(".json")] + ".md", "w") as f:
-    f.write(markdown(result["info"], result["rows"]))
+  write_table(path[:-len(".json")] + ".md", result["info"],
+              markdown(result["info"], result["rows"]), allow_busy)
   return result
 
 
 def main(argv=None):
   args = parse_args(argv)
   if args.render:
-    return render(args.render)
+    return render(args.render, args.allow_busy)
   argv = sys.argv[1:] if argv is None else argv
   cfg = resolve(args)
   load_before = [round(x, 2) for x in os.getloadavg()]
@@ -467,8 +499,13 @@ def main(argv=None):
   result = {"info": info, "rows": rows}
   table = markdown(info, rows)
   print(table, flush=True)
+  info["load_ok"] = busy(info) is None
   if args.out:
-    step_time.write_result(os.path.join(args.out, f"compare_torch_{args.setup}"), result, table)
+    prefix = os.path.join(args.out, f"compare_torch_{args.setup}")
+    os.makedirs(args.out, exist_ok=True)
+    with open(prefix + ".json", "w") as f:
+      json.dump(result, f, indent=2)
+    write_table(prefix + ".md", info, table, args.allow_busy)
   return result
 
 

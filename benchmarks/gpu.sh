@@ -3,14 +3,19 @@
 #
 #   bash benchmarks/gpu.sh compare    # mtjax vs PyTorch (eager, torch.compile, LibMTL-style loop,
 #                                     # torchjd), ResNet-50 setup of ../shared/REFERENCE.md
-#   bash benchmarks/gpu.sh w1 .. w5   # benchmarks/step_time.py --setup resnet50, the weighting
-#                                     # methods split in five groups (each measures ew again)
+#   bash benchmarks/gpu.sh w1 .. w7   # benchmarks/step_time.py --setup resnet50, the weighting
+#                                     # methods split in seven groups (each measures ew again)
 #   bash benchmarks/gpu.sh t10        # 10 tasks, representation level, four methods
 #   bash benchmarks/gpu.sh all        # everything in turn (a machine held long enough)
 #
 # Writes into $OUT (default benchmarks/results/gpu): compare_torch_resnet50.{json,md},
 # step_time_r50_<chunk>.{json,md}, and <chunk>.log. Each chunk runs under `timeout` (570 s).
-# GPU_TINY=1 runs every chunk at a tiny size (32×32, batch 2, 1 step) to test this script on a CPU.
+# GPU_TINY=1 runs every chunk at a tiny size (32×32, batch 2, 1 step) to test this script on a CPU
+# (still ResNet-50: minutes of compilation per step on a CPU).
+# GPU_DRY=1: a dry run on any machine in < 2 min (idle 2-core CPU): every chunk's command with
+# the tiny model (resnet_tiny, 16×16, batch 2, 1 step), the first method of each group at the
+# parameter level, into $OUT (default /tmp/gpu_dry, not the results folder). Run it first:
+#   GPU_DRY=1 bash benchmarks/gpu.sh all && bash benchmarks/gpu.sh compare
 #
 # PyTorch: the comparison needs torch (and torchjd) in the device's Python. Without torch,
 # `compare` measures the mtjax side alone (compare_torch.py --torch auto) and says so in its
@@ -20,11 +25,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}."
-OUT="${OUT:-benchmarks/results/gpu}"
+DRY="${GPU_DRY:-0}"
+if [[ "$DRY" == "1" ]]; then OUT="${OUT:-/tmp/gpu_dry}"; else OUT="${OUT:-benchmarks/results/gpu}"; fi
 mkdir -p "$OUT"
 LIMIT=570
+SETUP=resnet50
+LEVELS=()
 
-if [[ "${GPU_TINY:-0}" == "1" ]]; then
+if [[ "$DRY" == "1" ]]; then
+  SETUP=tiny
+  CMP_SIZE=(--image-size 16 --batch 2 --rounds 1 --steps 1 --warmup 0 --block-warmup 0
+            --only ew,pcgrad_param --allow-busy)
+  ST_SIZE=(--image-size 16 --batch 2 --steps 1 --warmup 0)
+  LEVELS=(--levels parameter)
+elif [[ "${GPU_TINY:-0}" == "1" ]]; then
   CMP_SIZE=(--image-size 32 --batch 2 --rounds 1 --steps 1 --warmup 0 --block-warmup 0)
   ST_SIZE=(--image-size 32 --batch 2 --steps 1 --warmup 0)
 else
@@ -39,6 +53,8 @@ declare -A CHUNK_METHODS=(
   [w3]="moco,db_mtl,dualproj,con_fig"
   [w4]="graddrop,gradnorm,auto_lambda"
   [w5]="fixed,uw,dwa,rlw,gls,famo"
+  [w6]="excess_mtl,fairgrad,sdmgrad,modo"
+  [w7]="forum,moml,weight_net,go4align,igb,stch"
 )
 
 check_groups() {  # every registered method is in one group
@@ -63,17 +79,21 @@ run_chunk() {
   local chunk="$1"
   case "$chunk" in
     compare)
-      timeout "$LIMIT" python3 benchmarks/compare_torch.py --setup resnet50 "${CMP_SIZE[@]}" \
+      timeout "$LIMIT" python3 benchmarks/compare_torch.py --setup "$SETUP" "${CMP_SIZE[@]}" \
         --out "$OUT" ;;
-    w[1-5])
-      timeout "$LIMIT" python3 benchmarks/step_time.py --setup resnet50 "${ST_SIZE[@]}" \
-        --methods "${CHUNK_METHODS[$chunk]}" --out "$OUT/step_time_r50_$chunk" ;;
+    w[1-7])
+      local methods="${CHUNK_METHODS[$chunk]}"
+      [[ "$DRY" == "1" ]] && methods="${methods%%,*}"
+      timeout "$LIMIT" python3 benchmarks/step_time.py --setup "$SETUP" "${ST_SIZE[@]}" \
+        ${LEVELS[@]+"${LEVELS[@]}"} --methods "$methods" --out "$OUT/step_time_r50_$chunk" ;;
     t10)
-      timeout "$LIMIT" python3 benchmarks/step_time.py --setup resnet50 "${ST_SIZE[@]}" \
-        --num-tasks 10 --levels representation --methods mgda,pcgrad,upgrad \
+      local methods=mgda,pcgrad,upgrad
+      [[ "$DRY" == "1" ]] && methods=mgda
+      timeout "$LIMIT" python3 benchmarks/step_time.py --setup "$SETUP" "${ST_SIZE[@]}" \
+        --num-tasks 10 --levels representation --methods "$methods" \
         --out "$OUT/step_time_r50_t10" ;;
     *)
-      echo "gpu.sh: unknown chunk '$chunk' (compare, w1..w5, t10, all)" >&2; return 2 ;;
+      echo "gpu.sh: unknown chunk '$chunk' (compare, w1..w7, t10, all)" >&2; return 2 ;;
   esac
 }
 
@@ -81,9 +101,15 @@ chunk="${1:-compare}"
 info
 if [[ "$chunk" == "all" ]]; then
   check_groups
-  for c in compare w1 w2 w3 w4 w5 t10; do
-    run_chunk "$c" 2>&1 | tee "$OUT/$c.log"
+  failed=()
+  for c in compare w1 w2 w3 w4 w5 w6 w7 t10; do  # a chunk that fails (or times out) does not stop the rest
+    run_chunk "$c" 2>&1 | tee "$OUT/$c.log" || failed+=("$c")
   done
+  if (( ${#failed[@]} )); then
+    echo "gpu.sh: failed chunks: ${failed[*]} (see $OUT/<chunk>.log)" >&2
+    exit 1
+  fi
+  echo "gpu.sh: all chunks done, results in $OUT"
 else
   run_chunk "$chunk" 2>&1 | tee "$OUT/$chunk.log"
 fi

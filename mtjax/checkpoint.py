@@ -51,7 +51,10 @@ def read_metadata(directory: str, step: int) -> dict:
 def save(mngr: ocp.CheckpointManager, state, metadata: dict) -> None:
   """Saves ``state`` at its step, with ``metadata``; blocks until it is on disk."""
   step = int(jax.device_get(state.step))
-  state_dict = jax.device_get(flax.serialization.to_state_dict(state))
+  state_dict = flax.serialization.to_state_dict(state)
+  if all(getattr(x, "is_fully_addressable", True) for x in jax.tree_util.tree_leaves(state_dict)):
+    state_dict = jax.device_get(state_dict)  # one host: numpy (FSDP shards gathered)
+  # else several hosts: orbax writes each process's shards of the global arrays
   previous = mngr.latest_step()
   try:
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state_dict),
@@ -67,7 +70,8 @@ def save(mngr: ocp.CheckpointManager, state, metadata: dict) -> None:
 
 
 def restore(directory: str, step: int, target):
-  """``(state, metadata)`` of checkpoint ``step``, shaped like ``target`` (a fresh state)."""
+  """``(state, metadata)`` of checkpoint ``step``, shaped and laid out like ``target`` (a fresh
+  state): each array is read straight into ``target``'s sharding, whatever mesh wrote it."""
   mngr = ocp.CheckpointManager(os.path.abspath(directory))
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
                                     flax.serialization.to_state_dict(target))
@@ -77,9 +81,14 @@ def restore(directory: str, step: int, target):
 
 
 def all_finite(state) -> bool:
-  """Whether every floating-point array of ``state`` is finite (on the host)."""
-  return all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(jax.device_get(state))
-             if np.issubdtype(np.asarray(x).dtype, np.inexact))
+  """Whether every floating-point array of ``state`` is finite (on the host; this process's
+  shards of a sharded array)."""
+  def shards(x):
+    if isinstance(x, jax.Array):
+      return [np.asarray(s.data) for s in x.addressable_shards]
+    return [np.asarray(x)]
+  return all(np.all(np.isfinite(s)) for x in jax.tree_util.tree_leaves(state) for s in shards(x)
+             if np.issubdtype(s.dtype, np.inexact))
 
 
 def move_aside(directory: str, step: int) -> str:

@@ -21,6 +21,16 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and results.")
 _PROGRESS = flags.DEFINE_bool("progress_bar", True, "Show a progress bar.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, also show its Python traceback.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Several hosts: call jax.distributed.initialize before anything "
+    "touches the devices (on TPU pods, SLURM and Open MPI it finds its peers itself).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "With --distributed: host:port of process 0 (else detected).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "With --distributed: the number of processes (else detected).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "With --distributed: this process's index, 0..num_processes-1 "
+    "(else detected).")
 
 
 def _fail(message, code: int, verbose: bool):
@@ -81,6 +91,24 @@ def _config():
     _fail(_load_error(e, flags.FLAGS["config"].config_filename), 2, _VERBOSE.value)
 
 
+def _initialize_distributed():
+  """``jax.distributed.initialize`` for ``--distributed``, before any device is touched."""
+  given = {"coordinator_address": _COORDINATOR.value, "num_processes": _NUM_PROCESSES.value,
+           "process_id": _PROCESS_ID.value}
+  if not _DISTRIBUTED.value:
+    named = [f"--{k}" for k, v in given.items() if v is not None]
+    if named:
+      _fail(f"{', '.join(named)}: only with --distributed", 2, False)
+    return
+  import jax
+  try:
+    jax.distributed.initialize(**given)
+  except (RuntimeError, ValueError) as e:
+    _fail(f"--distributed: jax.distributed.initialize failed ({e}); on a cluster without "
+          "auto-detection pass --coordinator_address=HOST:PORT --num_processes=N "
+          "--process_id=I", 2, _VERBOSE.value)
+
+
 def _run(command: str):
   def run(argv):
     if len(argv) > 1:
@@ -88,6 +116,7 @@ def _run(command: str):
     if not flags.FLAGS["config"].present or _WORKDIR.value is None:
       _fail("--config and --workdir are required", 2, False)
     config = _config()
+    _initialize_distributed()
     from mtjax.train import loop  # after flag parsing: keeps `--help` fast
 
     logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every step at INFO

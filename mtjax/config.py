@@ -9,11 +9,13 @@ import ml_collections
 from mtjax import data, tasks, weighting
 from mtjax.errors import UserError
 
-# Fields that change what is logged or saved, not the training trajectory: a workdir's
-# checkpoint may be resumed under a config that differs only in these.
+# Fields that change what is logged or saved, or where it runs (``mesh``: the same trajectory to
+# float32 noise), not the training trajectory: a workdir's checkpoint may be resumed under a
+# config that differs only in these (a sharded checkpoint restores onto another mesh).
 PRESENTATION_FIELDS = ("log_every", "eval_every", "checkpoint_every", "eval_batch_size",
                        "baselines", "dataset.data_dir", "progress_bar", "keep_checkpoints",
-                       "dataset.num_workers", "dataset.loader")  # the same batches either way
+                       "dataset.num_workers", "dataset.loader",  # the same batches either way
+                       "mesh")
 
 
 def weighting_config(name: str = "ew") -> ml_collections.ConfigDict:

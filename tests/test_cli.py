@@ -108,6 +108,9 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, case, args, message):
      "--config and --workdir are required"),
     ("stray argument", ["train", "--config", "experiments/configs/shapes.py", "--workdir",
                         "EMPTY", "extra"], "unexpected arguments"),
+    ("host flags without --distributed", ["train", "--config", "experiments/configs/shapes.py",
+                                          "--workdir", "EMPTY", "--num_processes=2"],
+     "--num_processes: only with --distributed"),
 ])
 def test_command_errors_print_one_line_and_exit_2(tmp_path, case, command, message):
   (tmp_path / "EMPTY").mkdir()

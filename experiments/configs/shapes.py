@@ -28,6 +28,9 @@ def get_config(arg=None):
   # > 0: at the parameter level, the Gram matrix of a Gram-matrix method (mgda, imtl, ...) is
   # computed this many tasks at a time (bounded memory for many tasks, one more backward pass).
   config.task_chunk = 0
+  # The device mesh: the batch is split over data x fsdp devices, parameters and optimizer
+  # state over fsdp (FSDP); -1: the devices left. fsdp=1: pure data parallelism.
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   # Meta-level methods (auto_lambda): the split their meta batches are drawn from (an
   # independent order); "validation" holds it out, but then validation metrics are not held out.
   config.meta_split = "train"

@@ -9,6 +9,9 @@ each process of a multi-host run reads only its contiguous share of it (``jax.pr
 augmentation of an example is drawn from ``(seed, epoch, index)``: no worker holds state, so
 the pipeline's whole position is its step (:func:`position`, saved in each checkpoint), and
 reading ahead in worker threads (:func:`batches`) changes no value.
+
+On several hosts (``jax.distributed``) the evaluation batches are read whole and each process
+sends only its rows to its devices (:func:`process_slice`).
 """
 
 import concurrent.futures
@@ -50,6 +53,24 @@ def position(step: int, num_examples: int, batch_size: int, seed: int | None = N
     pos.update(step=int(step), seed=int(seed), num_examples=int(num_examples),
                batch_size=int(batch_size), process_count=int(process_count))
   return pos
+
+
+def process_slice(batch, process_index: int, process_count: int):
+  """Process ``process_index``'s rows of a global ``batch`` (a dict of arrays or one array):
+  contiguous block ``process_index`` of ``process_count`` equal blocks of the leading axis.
+  One process: ``batch`` itself."""
+  if process_count == 1:
+    return batch
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index: got {process_index}; expected 0 <= it < {process_count}")
+
+  def rows(x):
+    if len(x) % process_count:
+      raise ValueError(f"batch_size: got {len(x)}, not a multiple of the {process_count} "
+                       "processes (jax.process_count())")
+    per = len(x) // process_count
+    return x[process_index * per:(process_index + 1) * per]
+  return {k: rows(v) for k, v in batch.items()} if isinstance(batch, dict) else rows(batch)
 
 
 def resume_step(pos: dict, num_examples: int, batch_size: int, seed: int,

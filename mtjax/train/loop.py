@@ -229,7 +229,7 @@ def evaluate_split(evaluate, state, arrays, tasks, batch_size, mesh) -> dict:
   hosted = {name: task.evaluator for name, task in tasks.items() if task.evaluator is not None}
   host_states = {name: evaluator.init() for name, evaluator in hosted.items()}
   for batch in pipeline.eval_batches(arrays, batch_size):
-    sums, predictions = evaluate(state, step_lib.shard_batch(batch, mesh))
+    sums, predictions = evaluate(state, _device_batch(batch, mesh))
     totals = metrics.accumulate(totals, sums)
     for name, evaluator in hosted.items():
       host_states[name] = evaluator.update(host_states[name],
@@ -238,6 +238,25 @@ def evaluate_split(evaluate, state, arrays, tasks, batch_size, mesh) -> dict:
   for name, evaluator in hosted.items():
     results[name].update(evaluator.result(host_states[name]))
   return results
+
+
+def _primary() -> bool:
+  """Whether this process writes the workdir's files (one host: always; several: process 0;
+  orbax coordinates the checkpoints itself)."""
+  return jax.process_index() == 0
+
+
+def _device_batch(batch, mesh):
+  """A global host batch on ``mesh``; on several hosts each process sends only its rows."""
+  return step_lib.shard_batch(
+      pipeline.process_slice(batch, jax.process_index(), jax.process_count()), mesh)
+
+
+def make_mesh(cfg):
+  """The device mesh of ``config.mesh`` (``{"data": d, "fsdp": f}``; default: data only)."""
+  with _building():
+    shape = cfg.get("mesh", None)
+    return step_lib.make_mesh(shape=shape.to_dict() if hasattr(shape, "to_dict") else shape)
 
 
 def _flat(results, prefix):
@@ -266,7 +285,7 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
 
   ``stop_after`` ends the run after that many steps of this call (to test resuming).
   """
-  mesh = step_lib.make_mesh()
+  mesh = make_mesh(cfg)
   config_lib.validate(cfg, mesh.size)
   exp = build(cfg)
   trainer = make_trainer(cfg, exp, mesh)
@@ -289,8 +308,9 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
     raise UserError(f"dataset {cfg.dataset.name!r}: {e}") from None
   try:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(cfg.to_dict(), f, indent=2, default=list)
+    if _primary():
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2, default=list)
   except OSError as e:
     raise UserError(f"--workdir: cannot write to {workdir!r}: {e.strerror or e}") from e
 
@@ -300,10 +320,10 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   saved = None
   if resume_step is not None:
     saved = int(state.step)
-    _rewind_log(log_path, saved)
-  elif os.path.exists(log_path):
+    if _primary():
+      _rewind_log(log_path, saved)
+  elif os.path.exists(log_path) and _primary():
     os.remove(log_path)
-  state = step_lib.replicate(state, mesh)
   if exp.method.level == "meta":
     meta_arrays = train_arrays if cfg.meta_split == "train" else val_arrays
 
@@ -339,7 +359,7 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   tick, tick_step = time.perf_counter(), first
   skipped = None
   try:
-    with open(log_path, "a") as log:
+    with open(log_path if _primary() else os.devnull, "a") as log:
       for step, batch in pipeline.batches(train_arrays, start=first, stop=last,
                                           num_workers=cfg.dataset.get("num_workers", 0),
                                           loader=cfg.dataset.get("loader", "threads"),
@@ -402,9 +422,11 @@ def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None) -> dict:
     tables.append(metrics.format_table(results, None if np.isnan(delta) else delta,
                                        f"{split}, step {int(state.step)}, "
                                        f"method {cfg.weighting.name}"))
+  text = "\n\n".join(tables)
+  if not _primary():  # several hosts: process 0 writes the files
+    return out
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(out, f, indent=2)
-  text = "\n\n".join(tables)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(text + "\n")
   print(text)
@@ -414,7 +436,7 @@ def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None) -> dict:
 
 def evaluate(cfg, workdir: str) -> dict:
   """Restores the newest checkpoint of ``workdir`` and writes the results (``mtjax eval``)."""
-  mesh = step_lib.make_mesh()
+  mesh = make_mesh(cfg)
   config_lib.validate(cfg, mesh.size)
   exp = build(cfg)
   trainer = make_trainer(cfg, exp, mesh)

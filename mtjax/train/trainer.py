@@ -7,8 +7,11 @@
     task_metrics, predictions = trainer.evaluate(state, batch)
 
 The gradient level, the shape of what ``method.init`` receives, the frozen parameter groups and
-the step are decided here, together. The steps are one ``jax.jit`` over a ``Mesh``: the batch
-sharded on ``"data"``, everything else replicated, the state donated.
+the step are decided here, together. The steps are one ``jax.jit`` over a ``("data", "fsdp")``
+``Mesh`` (:func:`mtjax.train.step.make_mesh`): the batch split over every device (data x fsdp), the
+parameter-shaped leaves of the state split on ``"fsdp"`` and the rest replicated
+(:func:`mtjax.train.step.state_shardings`; with ``fsdp == 1``, the default, all replicated:
+pure data parallelism), the state donated. ``init`` returns the state laid out that way.
 """
 
 from collections.abc import Callable, Mapping
@@ -23,13 +26,16 @@ from mtjax.models import labels
 from mtjax.train import meta as meta_lib
 from mtjax.train.state import TrainState, healthy
 from mtjax.train.step import (
-    apply_gradients,
-    balance,
-    check_grad_level,
-    check_nonfinite_policy,
-    check_task_chunk,
-    make_mesh,
-    task_terms,
+  apply_gradients,
+  balance,
+  batch_sharding,
+  check_grad_level,
+  check_nonfinite_policy,
+  check_task_chunk,
+  make_mesh,
+  place,
+  state_shardings,
+  task_terms,
 )
 
 
@@ -40,6 +46,8 @@ class Trainer(NamedTuple):
   step: Callable
   evaluate: Callable
   grad_level: str
+  # Where the state lives: one replicated NamedSharding (fsdp == 1), else a TrainState of them.
+  shardings: object = None
 
 
 def gradient_like(model, params, batch_stats, *, grad_level, image_shape, batch_size):
@@ -76,7 +84,9 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
   :func:`mtjax.train.step.apply_gradients`. ``task_chunk > 0``: at the parameter level, with a
   method that has ``from_gram``, the Gram matrix of the task gradients is computed that many
   tasks at a time (bounded memory for many tasks, one more backward pass; see
-  :func:`mtjax.train.step.balance`); 0 (default): all tasks at once.
+  :func:`mtjax.train.step.balance`); 0 (default): all tasks at once. ``mesh``: from
+  :func:`mtjax.train.step.make_mesh` (default: every device on ``"data"``); with an ``"fsdp"``
+  axis of size > 1 the state's parameter-shaped leaves are split on it (the module docstring).
   """
   check_grad_level(model, grad_level)
   check_task_chunk(model, method, grad_level, task_chunk)
@@ -89,7 +99,7 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
   names = tuple(tasks)
   frozen = tuple(frozen)
 
-  def init(key) -> TrainState:
+  def init_host(key) -> TrainState:
     init_key, root_key = jax.random.split(key)
     dummy = jnp.zeros((1, *image_shape), jnp.float32)
     variables = model.init(init_key, dummy, train=False)
@@ -109,6 +119,16 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
     # One buffer per leaf: a method's init may reuse an array (``zeros, zeros``), and the train
     # step donates the state, which fails on a buffer passed twice.
     return jax.tree_util.tree_map(jnp.copy, state)
+
+  shapes = jax.eval_shape(init_host, jax.random.PRNGKey(0)) if mesh.shape.get("fsdp", 1) > 1 \
+      else None
+  shardings = state_shardings(shapes, mesh) if shapes is not None else NamedSharding(
+      mesh, PartitionSpec())
+
+  def init(key) -> TrainState:
+    """The fresh state of ``key``, laid out on the mesh (see the module docstring)."""
+    state = init_host(key)
+    return place(state, shardings if shapes is not None else state_shardings(state, mesh))
 
   def forward(state, batch):
     return task_terms(model, tasks, state.params, state.batch_stats, batch,
@@ -140,14 +160,15 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
     return metrics, predictions
 
   replicated = NamedSharding(mesh, PartitionSpec())
-  data = NamedSharding(mesh, PartitionSpec("data"))
-  jitted_step = jax.jit(step, in_shardings=(replicated, data), out_shardings=replicated,
+  data = batch_sharding(mesh)
+  jitted_step = jax.jit(step, in_shardings=(shardings, data),
+                        out_shardings=(shardings, replicated),
                         donate_argnums=(0,) if donate else ())
-  jitted_eval = jax.jit(evaluate, in_shardings=(replicated, data), out_shardings=replicated)
+  jitted_eval = jax.jit(evaluate, in_shardings=(shardings, data), out_shardings=replicated)
 
   def train_step(state, batch, meta_batch=None):
     if method.level == "meta" and meta_batch is None:
       raise ValueError("meta_batch: a meta-level method's step needs a meta batch")
     return jitted_step(state, (batch, meta_batch))
 
-  return Trainer(init, train_step, jitted_eval, grad_level)
+  return Trainer(init, train_step, jitted_eval, grad_level, shardings)
