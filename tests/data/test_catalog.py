@@ -88,4 +88,5 @@ def test_voc_boxes_and_classes(mocked):
   np.testing.assert_array_equal(ex["boxes"][:n], raw["objects"]["bbox"][:n])
   np.testing.assert_array_equal(ex["box_classes"][:n], raw["objects"]["label"][:n] + 1)
   assert (ex["box_classes"][n:] == 0).all() and ex["box_classes"].dtype == np.int32
-  assert data.dataset_info("voc_2012")["tasks"] == {"detection": {"num_classes": 20, "max_boxes": catalog.MAX_BOXES}}
+  assert data.dataset_info("voc_2012")["tasks"] == {
+      "detection": {"num_classes": 20, "max_boxes": catalog.MAX_BOXES}}
