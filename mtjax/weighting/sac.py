@@ -9,6 +9,9 @@ parts. Everything is a fixed-size array: the replay buffer is a ring of ``capaci
 write pointer and a fill count, the networks are dicts of arrays, and one call of
 :func:`train` runs a data-dependent number of gradient steps in a ``lax.fori_loop`` on device,
 each on a fixed-size minibatch with a mask for the rows the official code would not draw.
+Checked once against the official ``SAC_Agent.train`` (PyTorch) with the same initial weights,
+minibatch indices and noise: after five steps the actor, critics, targets and ``log α`` agree
+to 1e-7 (the check needs PyTorch and the official repository, so it is not a test).
 """
 
 from typing import NamedTuple
