@@ -420,12 +420,13 @@ def igb(steps_per_epoch: int = 1, base_epoch: int = 1, start_epoch: int = 5,
     reward = reward_scale * jnp.min(gap)
     buffer = sac.buffer_add(state.buffer, state.prev_losses, state.prev_action, reward, losses,
                             write=ready)
-    k_train, k_random, k_act = jax.random.split(key, 3)
+    k_train, k_draw = jax.random.split(key)
     train = (call >= update_after * epoch) & (call % update_every == 0) & (buffer.size > 0)
     agent = jax.lax.cond(train, lambda a: sac.train(a, buffer, k_train, update_every, config),
                          lambda a: a, state.agent)
-    random_v = num_tasks * jax.nn.softmax(jax.random.normal(k_random, (num_tasks,)))
-    actor_v, _ = sac.act(agent.actor, losses, k_act)
+    normal = jax.random.normal(k_draw, (2, num_tasks))  # the random v's logits, the actor's ε
+    random_v = num_tasks * jax.nn.softmax(normal[0])
+    actor_v, _ = sac.act(agent.actor, losses, normal[1])
     v = jax.lax.stop_gradient(jnp.where(call < start_epoch * epoch, random_v, actor_v))
     weights = v / (losses + 1e-20)
     return (combine_or_none(task_grads, weights), IGBv2State(base, losses, v, buffer, agent),

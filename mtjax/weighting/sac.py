@@ -8,7 +8,10 @@ Soft actor-critic (Haarnoja et al., 2018, with the learned temperature of Haarno
 parts. Everything is a fixed-size array: the replay buffer is a ring of ``capacity`` rows with a
 write pointer and a fill count, the networks are dicts of arrays, and one call of
 :func:`train` runs a data-dependent number of gradient steps in a ``lax.fori_loop`` on device,
-each on a fixed-size minibatch with a mask for the rows the official code would not draw.
+each on a fixed-size minibatch with a mask for the rows the official code would not draw. The
+random draws of a whole round (minibatch rows, the policy's noise) are made once before the
+loop (two draws to compile instead of several per step); :func:`sac_step` itself is
+deterministic given them.
 Checked once against the official ``SAC_Agent.train`` (PyTorch) with the same initial weights,
 minibatch indices and noise: after five steps the actor, critics, targets and ``log α`` agree
 to 1e-7 (the check needs PyTorch and the official repository, so it is not a test).
@@ -18,6 +21,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # the official Actor's clamp of log σ
@@ -79,20 +83,32 @@ def buffer_add(buffer: Buffer, s, a, r, s_next, write=True) -> Buffer:
                 jnp.minimum(buffer.size + step, capacity))
 
 
-def _dense_init(key, fan_in, fan_out):
-  """``torch.nn.Linear``'s default initialisation: weight and bias ``U(±1/sqrt(fan_in))``."""
+def _dense_init(unit, fan_in, fan_out):
+  """``torch.nn.Linear``'s default initialisation, weight and bias ``U(±1/sqrt(fan_in))``,
+  from ``unit``: an iterator over ``U(-1, 1)`` draws (one draw for all layers: each
+  ``jax.random`` call is a threefry hash that XLA compiles anew, slowly on CPU)."""
   bound = 1.0 / jnp.sqrt(fan_in)
-  kw, kb = jax.random.split(key)
-  return (jax.random.uniform(kw, (fan_in, fan_out), minval=-bound, maxval=bound),
-          jax.random.uniform(kb, (fan_out,), minval=-bound, maxval=bound))
+  return (bound * next(unit)((fan_in, fan_out)), bound * next(unit)((fan_out,)))
 
 
-def _mlp_init(key, sizes) -> dict:
+def _mlp_init(unit, sizes) -> dict:
   params = {}
-  for i, (key_i, fan_in, fan_out) in enumerate(zip(jax.random.split(key, len(sizes) - 1),
-                                                   sizes[:-1], sizes[1:], strict=True)):
-    params[f"w{i}"], params[f"b{i}"] = _dense_init(key_i, fan_in, fan_out)
+  for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    params[f"w{i}"], params[f"b{i}"] = _dense_init(unit, fan_in, fan_out)
   return params
+
+
+def _slicer(flat):
+  """An endless iterator of ``take(shape)``: the next ``prod(shape)`` entries of ``flat``."""
+  start = 0
+  while True:
+    def take(shape):
+      nonlocal start
+      size = int(np.prod(shape))
+      out = flat[start:start + size].reshape(shape)
+      start += size
+      return out
+    yield take
 
 
 def _mlp(params: dict, x, last_relu: bool):
@@ -106,13 +122,15 @@ def _mlp(params: dict, x, last_relu: bool):
 
 def agent_init(key, state_dim: int, action_dim: int, config: Config = DEFAULT) -> Agent:
   """Fresh networks (``torch.nn.Linear``'s initialisation), targets equal to the critics."""
-  k_body, k_mu, k_std, k_q1, k_q2 = jax.random.split(key, 5)
   h = config.hidden
-  actor = _mlp_init(k_body, (state_dim, h, h))
-  actor["w_mu"], actor["b_mu"] = _dense_init(k_mu, h, action_dim)
-  actor["w_std"], actor["b_std"] = _dense_init(k_std, h, action_dim)
   sizes = (state_dim + action_dim, h, h, 1)
-  critic = {"q1": _mlp_init(k_q1, sizes), "q2": _mlp_init(k_q2, sizes)}
+  count = (state_dim * h + h + h * h + h + 2 * (h * action_dim + action_dim)
+           + 2 * sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=True)))
+  unit = _slicer(jax.random.uniform(key, (count,), minval=-1.0, maxval=1.0))
+  actor = _mlp_init(unit, (state_dim, h, h))
+  actor["w_mu"], actor["b_mu"] = _dense_init(unit, h, action_dim)
+  actor["w_std"], actor["b_std"] = _dense_init(unit, h, action_dim)
+  critic = {"q1": _mlp_init(unit, sizes), "q2": _mlp_init(unit, sizes)}
   log_alpha = jnp.log(jnp.float32(config.init_alpha))
   adam = optax.adam(config.lr)
   return Agent(actor, critic, jax.tree_util.tree_map(jnp.copy, critic), log_alpha,
@@ -127,13 +145,13 @@ def squash_log_prob(mu, log_std, u):
   return jnp.sum(gauss, -1) - jnp.sum(2.0 * (jnp.log(2.0) - u - jax.nn.softplus(-2.0 * u)), -1)
 
 
-def act(actor: dict, states, key, deterministic: bool = False):
-  """``(a, log π(a))`` for ``states`` ``(..., S)``: ``a = A softmax(u)``, ``u = μ`` or
-  ``μ + σ ε`` (the reparameterised sample)."""
+def act(actor: dict, states, noise):
+  """``(a, log π(a))`` for ``states`` ``(..., S)``: ``a = A softmax(u)``, ``u = μ + σ ε`` with
+  ``ε = noise`` (the reparameterised sample; ``noise = 0``: the deterministic action ``μ``)."""
   body = _mlp({k: v for k, v in actor.items() if k[1:].isdigit()}, states, last_relu=True)
   mu = body @ actor["w_mu"] + actor["b_mu"]
   log_std = jnp.clip(body @ actor["w_std"] + actor["b_std"], LOG_STD_MIN, LOG_STD_MAX)
-  u = mu if deterministic else mu + jnp.exp(log_std) * jax.random.normal(key, mu.shape)
+  u = mu + jnp.exp(log_std) * noise
   action = mu.shape[-1] * jax.nn.softmax(u, axis=-1)
   return action, squash_log_prob(mu, log_std, u)
 
@@ -144,9 +162,10 @@ def q_values(critic: dict, states, actions):
   return _mlp(critic["q1"], sa, False)[..., 0], _mlp(critic["q2"], sa, False)[..., 0]
 
 
-def td_targets(agent: Agent, rewards, next_states, key, config: Config = DEFAULT):
-  """``r + γ (min_i Q̄_i(s', a') − α log π(a'|s'))``, ``a' ~ π(·|s')`` (no terminal states)."""
-  a_next, logp_next = act(agent.actor, next_states, key)
+def td_targets(agent: Agent, rewards, next_states, noise, config: Config = DEFAULT):
+  """``r + γ (min_i Q̄_i(s', a') − α log π(a'|s'))``, ``a' ~ π(·|s')`` drawn with ``noise``
+  (no terminal states)."""
+  a_next, logp_next = act(agent.actor, next_states, noise)
   q1, q2 = q_values(agent.target, next_states, a_next)
   alpha = jnp.exp(agent.log_alpha)
   return jax.lax.stop_gradient(rewards + config.discount * (jnp.minimum(q1, q2)
@@ -168,26 +187,26 @@ def update_counts(size, capacity: int, updates: int, batch_size: int):
           (batch_size * (capacity + size)) // (2 * capacity))
 
 
-def sac_step(agent: Agent, buffer: Buffer, key, num_rows, config: Config = DEFAULT) -> Agent:
+def sac_step(agent: Agent, buffer: Buffer, rows, noise, num_rows,
+             config: Config = DEFAULT) -> Agent:
   """One gradient step of the official ``SAC_Agent.train``: the critics on the TD error, then
   the actor on ``α log π − min(Q1, Q2)`` (with the updated critics), then ``log α`` on
   ``−log α (log π + target entropy)``, then the targets by Polyak averaging. The minibatch is
-  ``config.batch_size`` rows drawn uniformly from the filled part; the first ``num_rows`` count."""
-  k_idx, k_next, k_act = jax.random.split(key, 3)
-  idx = jax.random.randint(k_idx, (config.batch_size,), 0, jnp.maximum(buffer.size, 1))
-  s, a, r, s2 = (buffer.states[idx], buffer.actions[idx], buffer.rewards[idx],
-                 buffer.next_states[idx])
-  weights = (jnp.arange(config.batch_size) < num_rows) / jnp.maximum(num_rows, 1)
+  the buffer's ``rows`` ``(B,)`` (:func:`draws`), of which the first ``num_rows`` count;
+  ``noise`` ``(2, B, A)``: the policy's ``ε`` at ``s'`` (the TD target) and at ``s``."""
+  s, a, r, s2 = (buffer.states[rows], buffer.actions[rows], buffer.rewards[rows],
+                 buffer.next_states[rows])
+  weights = (jnp.arange(rows.shape[0]) < num_rows) / jnp.maximum(num_rows, 1)
   adam = optax.adam(config.lr)
 
-  y = td_targets(agent, r, s2, k_next, config)
+  y = td_targets(agent, r, s2, noise[0], config)
   grads = jax.grad(critic_loss)(agent.critic, s, a, y, weights)
   updates, critic_opt = adam.update(grads, agent.critic_opt, agent.critic)
   critic = optax.apply_updates(agent.critic, updates)
 
   alpha = jnp.exp(agent.log_alpha)
   def actor_loss(actor):
-    action, logp = act(actor, s, k_act)
+    action, logp = act(actor, s, noise[1])
     q1, q2 = q_values(critic, s, action)
     return jnp.sum(weights * (alpha * logp - jnp.minimum(q1, q2))), logp
   grads, logp = jax.grad(actor_loss, has_aux=True)(agent.actor)
@@ -205,11 +224,26 @@ def sac_step(agent: Agent, buffer: Buffer, key, num_rows, config: Config = DEFAU
   return Agent(actor, critic, target, log_alpha, actor_opt, critic_opt, alpha_opt)
 
 
+def draws(key, size, steps: int, action_dim: int, config: Config = DEFAULT):
+  """The random draws of ``steps`` SAC steps: minibatch rows ``(steps, B)`` uniform over the
+  ``size`` filled rows (with replacement, as ``torch.randint``) and the policy's noise
+  ``(steps, 2, B, A)``, standard normal, both from one ``jax.random.uniform`` draw ``u``:
+  ``floor(u size)`` and ``√2 erfinv(2u − 1)`` (``jax.random.normal``'s own transform)."""
+  b = config.batch_size
+  u = jax.random.uniform(key, (steps, b * (1 + 2 * action_dim)), minval=jnp.finfo(jnp.float32).tiny)
+  size = jnp.maximum(size, 1)
+  rows = jnp.minimum(jnp.floor(u[:, :b] * size).astype(jnp.int32), size - 1)
+  noise = jnp.sqrt(2.0) * jax.scipy.special.erfinv(2.0 * u[:, b:] - 1.0)
+  return rows, noise.reshape(steps, 2, b, action_dim)
+
+
 def train(agent: Agent, buffer: Buffer, key, updates: int, config: Config = DEFAULT) -> Agent:
   """The official ``train`` loop of one update round: :func:`update_counts` steps of
-  :func:`sac_step` (``lax.fori_loop`` with a trip count read from the buffer's fill)."""
-  num_steps, num_rows = update_counts(buffer.size, buffer.rewards.shape[0], updates,
-                                      config.batch_size)
+  :func:`sac_step` (``lax.fori_loop`` with a trip count read from the buffer's fill, at most
+  ``updates``), their draws made first (:func:`draws`)."""
+  capacity = buffer.rewards.shape[0]
+  num_steps, num_rows = update_counts(buffer.size, capacity, updates, config.batch_size)
+  rows, noise = draws(key, buffer.size, updates, buffer.actions.shape[-1], config)
   def body(i, agent):
-    return sac_step(agent, buffer, jax.random.fold_in(key, i), num_rows, config)
+    return sac_step(agent, buffer, rows[i], noise[i], num_rows, config)
   return jax.lax.fori_loop(0, num_steps, body, agent)

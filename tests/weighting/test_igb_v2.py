@@ -80,8 +80,8 @@ def test_schedule_buffer_rewards_weights_and_determinism():
     assert moved == trained, c
     prev_actor = state.agent.actor
     if c >= 4:  # the actor's sample at L with this call's key
-      k_act = jax.random.split(jax.random.PRNGKey(c), 3)[2]
-      expected, _ = sac.act(state.agent.actor, losses[c], k_act)
+      noise = jax.random.normal(jax.random.split(jax.random.PRNGKey(c))[1], (2, t))[1]
+      expected, _ = sac.act(state.agent.actor, losses[c], noise)
       np.testing.assert_allclose(v, expected, rtol=1e-5)
 
 
@@ -126,14 +126,14 @@ def test_critic_steps_reduce_the_td_error_on_a_fixed_buffer():
     s, s2 = rng.uniform(0.5, 2, size=(2, 3))
     buf = sac.buffer_add(buf, s, 3 * rng.dirichlet(np.ones(3)), float(np.min(s - s2)), s2)
   agent = sac.agent_init(jax.random.PRNGKey(0), 3, 3, config)
-  key = jax.random.PRNGKey(5)
-  targets = sac.td_targets(agent, buf.rewards, buf.next_states, key, config)
+  rows, noise = sac.draws(jax.random.PRNGKey(5), 32, 100, 3, config)
+  targets = sac.td_targets(agent, buf.rewards, buf.next_states, noise[0, 0], config)
   weights = jnp.full(32, 1 / 32)
 
   @jax.jit
   def run(agent):
-    return jax.lax.fori_loop(0, 100, lambda i, a: sac.sac_step(a, buf, jax.random.fold_in(key, i),
-                                                                32, config), agent)
+    return jax.lax.fori_loop(0, 100, lambda i, a: sac.sac_step(a, buf, rows[i], noise[i], 32,
+                                                                config), agent)
   trained = run(agent)
   before = sac.critic_loss(agent.critic, buf.states, buf.actions, targets, weights)
   after = sac.critic_loss(trained.critic, buf.states, buf.actions, targets, weights)
