@@ -150,9 +150,11 @@ def runs(method_names, levels):
 
 
 def task_chunk_for(method, grad_level, cfg):
-  """``cfg["task_chunk"]`` where it applies (parameter level, ``from_gram``), else 0."""
+  """``cfg["task_chunk"]`` where it applies (parameter level, ``from_gram``, one sample), else
+  0."""
   chunk = cfg.get("task_chunk", 0)
-  ok = grad_level == "parameter" and method.level == "gradient" and method.from_gram is not None
+  ok = (grad_level == "parameter" and method.level == "gradient" and method.from_gram is not None
+        and not method.double_sampling)  # MoDo's two halves are not computed in chunks
   return chunk if ok else 0
 
 

@@ -1,12 +1,14 @@
 """Runs every weighting method (and the single-task baselines) on one config; writes a table.
 
     python experiments/sweep.py --config experiments/configs/shapes.py --workdir workdirs/sweep \
-        [--methods ew,pcgrad,...] [--config.num_steps=400 ...]
+        [--methods ew,pcgrad,...] [--baselines_from OLD/sweep.json] [--config.num_steps=400 ...]
 
 First each task is trained alone with the same model, steps and seed (the single-task
 baselines, ``stl_<task>/``); then each method in ``<method>/``, with Δm% against those
 baselines on the same split. Runs resume from their checkpoints, so an interrupted sweep picks
-up where it stopped. Writes ``sweep.md`` and ``sweep.json`` in the workdir.
+up where it stopped. Writes ``sweep.md`` and ``sweep.json`` in the workdir. ``--baselines_from``
+takes the baselines of an earlier ``sweep.json`` (same config and split) instead of training
+them, to add rows to its table.
 """
 
 import copy
@@ -23,6 +25,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "The experiment config
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and the table go.")
 _METHODS = flags.DEFINE_string("methods", "all", "Comma-separated method names, or 'all'.")
 _SPLIT = flags.DEFINE_string("split", "test", "The split the table reports.")
+_BASELINES_FROM = flags.DEFINE_string(
+    "baselines_from", None, "An earlier sweep.json whose baselines to use instead of training.")
 
 
 def _with(cfg, **fields):
@@ -33,12 +37,15 @@ def _with(cfg, **fields):
   return cfg
 
 
-def run_sweep(cfg, workdir: str, methods, split: str = "test", progress: bool = False) -> dict:
-  """Trains the baselines and ``methods``; returns ``{"baselines": ..., "runs": ...}``."""
+def run_sweep(cfg, workdir: str, methods, split: str = "test", progress: bool = False,
+              baselines=None) -> dict:
+  """Trains the baselines (unless given) and ``methods``; returns ``{"baselines": ...,
+  "runs": ...}``."""
   from mtjax.train import loop
 
-  baselines = {}
-  for task in cfg.tasks:
+  given = baselines is not None
+  baselines = dict(baselines or {})
+  for task in () if given else cfg.tasks:
     stl = _with(cfg, tasks=(task,), weighting=config_lib.weighting_config("ew"), baselines={})
     out = loop.train(stl, os.path.join(workdir, f"stl_{task}"), progress=progress)
     baselines[task] = out[split]["metrics"][task]
@@ -80,7 +87,16 @@ def main(argv):
   methods = weighting.names() if _METHODS.value == "all" else _METHODS.value.split(",")
   for name in methods:
     weighting.get(name)  # fail early on a bad name
-  result = run_sweep(_CONFIG.value, _WORKDIR.value, methods, _SPLIT.value)
+  baselines = None
+  if _BASELINES_FROM.value:
+    with open(_BASELINES_FROM.value) as f:
+      earlier = json.load(f)
+    if earlier["split"] != _SPLIT.value or earlier["num_steps"] != _CONFIG.value.num_steps:
+      raise app.UsageError(f"--baselines_from: {_BASELINES_FROM.value} is split "
+                           f"{earlier['split']!r}, {earlier['num_steps']} steps; this sweep is "
+                           f"{_SPLIT.value!r}, {_CONFIG.value.num_steps} steps")
+    baselines = earlier["baselines"]
+  result = run_sweep(_CONFIG.value, _WORKDIR.value, methods, _SPLIT.value, baselines=baselines)
   print(format_sweep(result))
 
 

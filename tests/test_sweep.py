@@ -28,3 +28,10 @@ def test_sweep_trains_baselines_and_methods_and_writes_the_table(tmp_path):
   assert "| single-task baselines |" in table and "| pcgrad | gradient |" in table
   for run in result["runs"].values():
     assert run["delta_m"] == run["delta_m"]  # a number, not NaN: baselines were used
+  # More rows against the same baselines (--baselines_from): no baseline is trained again; the
+  # finished ew run is restored and gives the same Δm%.
+  (tmp_path / "sweep" / "stl_normals" / "results.json").unlink()
+  again = sweep.run_sweep(cfg, str(tmp_path / "sweep"), ["ew"], baselines=result["baselines"])
+  assert again["baselines"] == result["baselines"]
+  assert not (tmp_path / "sweep" / "stl_normals" / "results.json").exists()
+  assert again["runs"]["ew"]["delta_m"] == result["runs"]["ew"]["delta_m"]

@@ -15,11 +15,15 @@ linear in the feature cotangents, ``g_t = V c_t`` with ``V`` the encoder's VJP a
 its JVP, so ``G_ij = <c_i, J V c_j>`` comes from a ``jax.lax.map`` over chunks of tasks (a
 ``vmap`` of ``V`` then ``J`` per chunk: at most ``chunk`` parameter-sized gradients alive) and
 the direction ``Σ_t w_t g_t = V(Σ_t w_t c_t)`` costs one more backward pass through the encoder.
+For MoDo's double sampling, :func:`cross_gram` runs :func:`task_terms` on the two halves of the
+batch and takes the cross products of their per-task gradients; ``weighted(w)`` is then the
+whole batch's ``Σ_t w_t g_t`` without stacking its task gradients.
 A task's own parameters get the gradient of ``Σ_t L_t`` under gradient-level methods (each sees
 only its own loss, as in LibMTL) and of ``Σ_t w_t L_t`` under loss-level ones.
 :func:`mtjax.train.trainer.make_trainer` composes these into the jitted step.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -217,6 +221,9 @@ class TaskTerms(NamedTuple):
   # `chunk` tasks at a time, and finish: weights (T,) -> every parameter's gradient with the
   # shared part Σ_t w_t g_t); None without a shared encoder.
   gram_terms: Callable | None = None
+  # weights (T,) -> every parameter's gradient: the shared part Σ_t w_t g_t without stacking the
+  # task gradients (one more backward pass), each task's own part ∇ L_t (as per_task's finish).
+  weighted: Callable | None = None
 
 
 def _tree_sum(trees):
@@ -309,15 +316,17 @@ def _encoder_terms(model, tasks, params, batch_stats, batch, grad_level, train, 
 
     rows = jax.lax.map(gram_row, stacked, batch_size=chunk)
     gram = 0.5 * (rows + rows.T)
+    return gram, functools.partial(weighted_direction, stacked, head_grads)
 
-    def finish(weights):
-      (direction,) = encode_vjp(weighted_sum(stacked, weights))
-      return labels.merge(direction, head_grads)
+  def weighted_direction(stacked, head_grads, weights):
+    (direction,) = encode_vjp(weighted_sum(stacked, weights))
+    return labels.merge(direction, head_grads)
 
-    return gram, finish
+  def weighted(weights):
+    return weighted_direction(*task_cotangents(), weights)
 
   return TaskTerms(losses, parts, outputs, labels.merge(new_stats, *task_stats), combine,
-                   per_task, gram_terms)
+                   per_task, gram_terms, weighted)
 
 
 def _joint_terms(model, tasks, params, batch_stats, batch, grad_level, train, trainable):
@@ -348,16 +357,29 @@ def _joint_terms(model, tasks, params, batch_stats, batch, grad_level, train, tr
     specific_sum = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), specific_grads)
     return shared_grads, lambda direction: labels.merge(direction, specific_sum)
 
-  return TaskTerms(losses, parts, outputs, new_stats, combine, per_task)
+  def weighted(weights):
+    shared_grads, _ = vjp(jnp.asarray(weights, losses.dtype))
+    _, specific_sum = vjp(jnp.ones_like(losses))
+    return labels.merge(shared_grads, specific_sum)
+
+  return TaskTerms(losses, parts, outputs, new_stats, combine, per_task, weighted=weighted)
 
 
-def balance(terms: TaskTerms, method, weighting_state, key, task_chunk: int = 0):
+def balance(terms: TaskTerms, method, weighting_state, key, task_chunk: int = 0,
+            cross: jax.Array | None = None):
   """``(gradient of every parameter, new weighting state, task weights)`` under ``method``.
 
   ``task_chunk > 0`` (a gradient-level ``method`` with ``from_gram``, an encoder model, the
   parameter level; see :func:`check_task_chunk`): the Gram matrix is computed ``task_chunk``
   tasks at a time and the direction by one more backward pass (``terms.gram_terms``).
+  ``cross`` (a ``method.double_sampling`` method): the ``(T, T)`` cross Gram matrix of two
+  halves of the batch (:func:`cross_gram`) goes to ``method.from_gram``, and the direction is
+  ``Σ_t w_t g_t`` of the whole batch (``terms.weighted``).
   """
+  if cross is not None:
+    weights, weighting_state = method.from_gram(cross, weighting_state, losses=terms.losses,
+                                                key=key)
+    return terms.weighted(weights), weighting_state, weights
   if task_chunk and method.level == "gradient":
     gram, finish = terms.gram_terms(task_chunk)
     weights, weighting_state = method.from_gram(gram, weighting_state, losses=terms.losses,
@@ -374,6 +396,65 @@ def balance(terms: TaskTerms, method, weighting_state, key, task_chunk: int = 0)
     return finish(direction), weighting_state, weights
   raise ValueError(f"weighting level {method.level!r} needs its own train step "
                    "(see mtjax.train.meta for 'meta')")
+
+
+def check_double_sampling(method, batch_size: int, num_devices: int, task_chunk: int = 0):
+  """Raises ValueError unless a ``method.double_sampling`` method can split this batch."""
+  if not getattr(method, "double_sampling", False):
+    return
+  if method.level != "gradient" or method.from_gram is None:
+    raise ValueError("weighting: double sampling needs a gradient-level method with "
+                     f"'from_gram' (weights from a Gram matrix); got level {method.level!r}")
+  if task_chunk:
+    raise ValueError(
+        f"task_chunk: got {task_chunk}, but the weighting method samples twice "
+        "(double_sampling=True: the cross Gram matrix of two halves of the batch, which is not "
+        "computed in chunks): set task_chunk=0 or weighting.double_sampling=False")
+  if batch_size % (2 * num_devices):
+    raise ValueError(
+        f"batch_size: got {batch_size} on {num_devices} device(s) "
+        f"({batch_size / num_devices:g} per device); the weighting method's double sampling "
+        "(weighting.double_sampling=True) splits each device's examples into two halves: "
+        f"expected a multiple of {2 * num_devices} (an even number per device), or set "
+        "weighting.double_sampling=False")
+
+
+def halves(batch):
+  """The two halves of ``batch`` for double sampling: its even and its odd examples.
+
+  With the batch sharded on its leading axis and an even number of examples per device, each
+  device splits its own examples (nothing moves between devices). The data order is random, so
+  the two halves are independent samples.
+  """
+  def half(i):
+    return jax.tree_util.tree_map(
+        lambda x: x.reshape(x.shape[0] // 2, 2, *x.shape[1:])[:, i], batch)
+  return half(0), half(1)
+
+
+def cross_gram(model, tasks, params, batch_stats, batch, *, grad_level="parameter",
+               frozen=()) -> jax.Array:
+  """``C_ij = <g_i(z₁), g_j(z₂)>``: the ``(T, T)`` cross products of the per-task gradients
+  of the two halves ``z₁, z₂`` of ``batch`` (:func:`halves`), in float32, for MoDo's double
+  sampling (Chen et al., 2023, Algorithm 1).
+
+  Each half is its own forward pass in train mode (its own batch statistics, discarded; the
+  step keeps those of the whole batch). At the parameter level ``g_t`` is the gradient of the
+  shared parameters. At the representation level it is the gradient with respect to a half's
+  features, and the product pairs the k-th example of one half with the k-th of the other,
+  scaled by ½: a half's per-example cotangents are twice the whole batch's (its loss averages
+  over half as many examples), so that when the two halves are equal ``C`` is the whole batch's
+  Gram matrix at either level, as it is at the parameter level.
+  """
+  grads = [task_terms(model, tasks, params, batch_stats, half, grad_level=grad_level,
+                      frozen=frozen).per_task()[0] for half in halves(batch)]
+  def leaf_cross(a, b):
+    a = a.reshape(a.shape[0], -1).astype(jnp.float32)
+    b = b.reshape(b.shape[0], -1).astype(jnp.float32)
+    return jnp.einsum("id,jd->ij", a, b, precision=jax.lax.Precision.HIGHEST)
+  cross = sum(leaf_cross(a, b) for a, b in zip(jax.tree_util.tree_leaves(grads[0]),
+                                               jax.tree_util.tree_leaves(grads[1]), strict=True))
+  return 0.5 * cross if grad_level == "representation" else cross
 
 
 NONFINITE_POLICIES = ("stop", "skip")

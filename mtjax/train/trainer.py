@@ -29,9 +29,11 @@ from mtjax.train.step import (
   apply_gradients,
   balance,
   batch_sharding,
+  check_double_sampling,
   check_grad_level,
   check_nonfinite_policy,
   check_task_chunk,
+  cross_gram,
   make_mesh,
   place,
   state_shardings,
@@ -87,6 +89,9 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
   :func:`mtjax.train.step.balance`); 0 (default): all tasks at once. ``mesh``: from
   :func:`mtjax.train.step.make_mesh` (default: every device on ``"data"``); with an ``"fsdp"``
   axis of size > 1 the state's parameter-shaped leaves are split on it (the module docstring).
+  A method with ``double_sampling`` (MoDo) also gets the per-task gradients of the two halves of
+  each batch (:func:`mtjax.train.step.cross_gram`): ``batch_size`` must then be even on every
+  device.
   """
   check_grad_level(model, grad_level)
   check_task_chunk(model, method, grad_level, task_chunk)
@@ -96,6 +101,8 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
     raise ValueError("lookahead_lr: a meta-level method needs the learning rate of its "
                      "lookahead step (a float or the optimizer's schedule)")
   mesh = make_mesh() if mesh is None else mesh
+  double_sampling = bool(getattr(method, "double_sampling", False))
+  check_double_sampling(method, batch_size, mesh.devices.size, task_chunk)
   names = tuple(tasks)
   frozen = tuple(frozen)
 
@@ -144,7 +151,10 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
           model, tasks, method, state, terms, batch, meta_batch, alpha, key, frozen)
     else:
       terms = forward(state, batch)
-      grads, wstate, weights = balance(terms, method, state.weighting_state, key, task_chunk)
+      cross = (cross_gram(model, tasks, state.params, state.batch_stats, batch,
+                          grad_level=grad_level, frozen=frozen) if double_sampling else None)
+      grads, wstate, weights = balance(terms, method, state.weighting_state, key, task_chunk,
+                                       cross)
     new_state, metrics = apply_gradients(state, optimizer, names, grads, wstate, terms, weights,
                                          nonfinite=nonfinite,
                                          max_consecutive_skips=max_consecutive_skips)

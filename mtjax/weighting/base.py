@@ -90,13 +90,18 @@ class Method(NamedTuple):
   method whose direction is ``Σ_t w_t g_t`` with ``w`` a function of the Gram matrix only, that
   function ``from_gram(gram, state, *, losses, key) -> (weights, state)`` (``None`` otherwise;
   ``update`` is then :func:`gram_update` of it, and the train step may compute the Gram matrix
-  in chunks of tasks instead of stacking every task's gradient, see ``config.task_chunk``)."""
+  in chunks of tasks instead of stacking every task's gradient, see ``config.task_chunk``).
+  ``double_sampling`` (a ``from_gram`` method only): the train step hands ``from_gram`` the
+  cross Gram matrix ``C_ij = <g_i(z₁), g_j(z₂)>`` of two independent halves of the batch instead
+  of the Gram matrix, and moves along ``Σ_t w_t g_t`` of the whole batch (MoDo; see
+  :func:`mtjax.train.step.cross_gram`); ``update`` called directly stays the one-sample rule."""
 
   init: Callable[..., Any]
   update: Callable[..., tuple[Any, Any, jax.Array]]
   level: str
   meta: MetaSpec | None = None
   from_gram: Callable[..., tuple[jax.Array, Any]] | None = None
+  double_sampling: bool = False
 
 
 class EmptyState(NamedTuple):

@@ -391,28 +391,34 @@ def modo_lambda_step(cross_gram: jax.Array, lam: jax.Array, gamma: float,
   return solvers.project_simplex(lam - gamma * (cross_gram @ lam + rho * lam))
 
 
-def modo(gamma: float = 1e-3, rho: float = 0.1) -> Method:
+def modo(gamma: float = 1e-3, rho: float = 0.1, double_sampling: bool = True) -> Method:
   """MoDo, multi-objective gradient with double sampling (Chen et al., NeurIPS 2023,
-  "Three-way trade-off in multi-objective learning"): one projected stochastic-gradient step on
-  MGDA's regularised min-norm problem ``min_{λ ∈ Δ} ½|Σ_t λ_t g_t|² + (ρ/2)|λ|²`` per train step
-  (:func:`modo_lambda_step`), then the model moves along ``d = Σ_t λ_t g_t`` with the *new* λ.
-  λ starts uniform (``1/T``) and stays on the simplex, so ``d`` has the scale of the mean
-  gradient. Repeated on fixed gradients with ``0 < γ <= 2 / (λ_max(G) + ρ)`` the λ iteration
-  (projected gradient descent on a convex quadratic) converges to the minimiser of the
-  regularised problem, which for ``ρ = 0`` is MGDA's min-norm weights (Sener & Koltun, 2018);
-  with ``γ = 0`` it is the mean gradient (``λ = 1/T``) forever.
+  "Three-way trade-off in multi-objective learning", Algorithm 1): one projected
+  stochastic-gradient step on MGDA's regularised min-norm problem
+  ``min_{λ ∈ Δ} ½|Σ_t λ_t g_t|² + (ρ/2)|λ|²`` per train step (:func:`modo_lambda_step`), then the
+  model moves along ``d = Σ_t λ_t g_t`` with the *new* λ. λ starts uniform (``1/T``) and stays
+  on the simplex, so ``d`` has the scale of the mean gradient. Repeated on fixed gradients with
+  ``0 < γ <= 2 / (λ_max(G) + ρ)`` the λ iteration (projected gradient descent on a convex
+  quadratic) converges to the minimiser of the regularised problem, which for ``ρ = 0`` is
+  MGDA's min-norm weights (Sener & Koltun, 2018); with ``γ = 0`` it is the mean gradient
+  (``λ = 1/T``) forever.
+
+  ``double_sampling=True`` (default; the paper's method): in the train step the λ step uses the
+  cross products ``∇F(z₁)ᵀ ∇F(z₂)`` of two independent samples, the two halves of the batch
+  (even and odd examples, see :func:`mtjax.train.step.cross_gram`): an unbiased estimate of
+  ``∇Fᵀ ∇F``, where one sample's Gram matrix is biased by the gradient noise. The model then
+  moves along ``Σ_t λ_t g_t`` of the whole batch, i.e. of ``∇F(z₁) + ∇F(z₂)`` up to a factor 2, as
+  the authors' code does (heshandevaka/Trade-Off-MOL, ``LibMTL/weighting/MoDo.py``: two samples,
+  the model moved along the sum of both samples' ``Σ_t λ_t g_t``). LibMTL's ``MoDo`` draws a
+  third batch for the model update instead; the whole batch here needs no third forward pass.
+  The per-device batch must then be even. ``double_sampling=False``: the single-sample variant,
+  whose λ step uses the batch's Gram matrix ``G``. Called directly, ``update`` is the
+  single-sample rule on the gradients it is given; a caller with two samples' gradients can call
+  :func:`modo_lambda_step` with their cross products.
 
   Defaults ``gamma = 1e-3``, ``rho = 0.1``: LibMTL's ``MoDo_gamma``/``MoDo_rho``
   (``LibMTL/config.py``; the method is ``LibMTL/weighting/MoDo.py``); the authors' own
-  repository heshandevaka/Trade-Off-MOL has ``gamma_modo = 0.1``, ``rho_modo = 0.0`` in its
-  argument parser. Deviation: LibMTL draws three independent mini-batches per step, two for the
-  λ update (``∇F(z₁)ᵀ ∇F(z₂)``: the double sampling that makes it an unbiased estimate of
-  ``∇Fᵀ ∇F``) and a third for the model update (the task heads get their gradients averaged
-  over the three); the authors' repository (the version read) draws two and moves the model
-  along the sum of both samples' ``Σ_t λ_t g_t``. The train step here computes one batch's task
-  gradients, so all the samples are that batch: the single-sample variant, whose λ step uses
-  the Gram matrix ``G`` (a biased estimate of the population Gram matrix). A caller with two
-  samples' gradients can call :func:`modo_lambda_step` with their cross products.
+  repository has ``gamma_modo = 0.1``, ``rho_modo = 0.0`` in its argument parser.
   """
   if gamma < 0 or rho < 0:
     raise ValueError(f"modo: gamma={gamma!r} and rho={rho!r} must be >= 0")
@@ -426,7 +432,7 @@ def modo(gamma: float = 1e-3, rho: float = 0.1) -> Method:
     weights = modo_lambda_step(g, state.weights, gamma, rho)
     return weights, ModoState(weights)
 
-  return gram_method(init, from_gram)
+  return gram_method(init, from_gram)._replace(double_sampling=bool(double_sampling))
 
 
 METHODS = {

@@ -1,4 +1,4 @@
-"""IGB (Dai et al. 2023), IGBv1: Σ_t v_t log L_t with v = T softmax(L / L_base)."""
+"""IGBv1 (Dai et al. 2023), registered as igb_v1: Σ_t v_t log L_t with v = T softmax(L / L_base)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ import mtjax.weighting as W
 from tests.weighting import common
 
 KEY = jax.random.PRNGKey(0)
-NAME = "igb"
+NAME = "igb_v1"
 
 
 @pytest.mark.parametrize("check", common.CONTRACT_CHECKS, ids=common.check_id)
