@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtjax import checkpoint, data, metrics, models, weighting
+from mtjax import checkpoint, data, metrics, models, relations, weighting
 from mtjax import config as config_lib
 from mtjax import tasks as tasks_lib
 from mtjax.data import pipeline
 from mtjax.errors import RunError, UserError
 from mtjax.models import labels
-from mtjax.train import optim
+from mtjax.train import optim, strategies
 from mtjax.train import step as step_lib
 from mtjax.train import trainer as trainer_lib
 
@@ -65,8 +65,10 @@ def build(cfg) -> Experiment:
   with _building():
     if any(optim.group_rules(cfg.optimizer)):  # the groups cost a trace of the model
       optim.check_groups(cfg.optimizer, _groups(model, cfg))
-    optimizer = optim.make_optimizer(cfg.optimizer, cfg.num_steps,
-                                     functools.partial(labels.label_tree, model))
+    strategy = cfg.get("strategy", "end_to_end")
+    strategies.check(strategy, cfg.get("phases", None), tuple(cfg.tasks), method.level)
+    make = optim.make_optimizer if strategy == "end_to_end" else optim.make_grouped_optimizer
+    optimizer = make(cfg.optimizer, cfg.num_steps, functools.partial(labels.label_tree, model))
     schedule = optim.make_schedule(cfg.optimizer, cfg.num_steps)
   label_keys = tuple(dict.fromkeys(k for task in tasks.values()
                                    for k in tasks_lib.label_keys(task)))
@@ -90,7 +92,35 @@ def make_trainer(cfg, exp: Experiment, mesh):
             cfg.optimizer)[1], lookahead_lr=exp.schedule, mesh=mesh,
         nonfinite=cfg.get("nonfinite", "stop"),
         max_consecutive_skips=cfg.get("max_consecutive_skips", 10),
-        task_chunk=cfg.get("task_chunk", 0))
+        task_chunk=cfg.get("task_chunk", 0), **_relations_and_phases(cfg))
+
+
+def _relations_and_phases(cfg) -> dict:
+  """The trainer's relation and strategy arguments from ``config.relations`` and
+  ``config.strategy`` / ``config.phases`` (absent: conflict at logging steps, no affinity, end
+  to end)."""
+  rel = dict(cfg.get("relations", None) or {})
+  unknown = sorted(set(rel) - {"conflict", "affinity_every", "affinity_lr"})
+  if unknown:
+    raise ValueError(f"relations: unknown field(s) {unknown}; expected conflict, "
+                     "affinity_every, affinity_lr")
+  conflict = rel.get("conflict", True)
+  if not isinstance(conflict, bool):
+    raise ValueError(f"relations.conflict: got {conflict!r}; expected a bool")
+  every = rel.get("affinity_every", 0)
+  if not (isinstance(every, int) and not isinstance(every, bool) and every >= 0):
+    raise ValueError(f"relations.affinity_every: got {every!r}; expected an int >= 0 (0: off)")
+  lr = rel.get("affinity_lr", 0.0)
+  if not (isinstance(lr, (int, float)) and lr >= 0):
+    raise ValueError(f"relations.affinity_lr: got {lr!r}; expected a number >= 0 (0: the "
+                     "optimizer's learning rate at the step)")
+  strategy = cfg.get("strategy", "end_to_end")
+  phases = cfg.get("phases", None)
+  names = tuple(cfg.tasks)
+  return {"conflict_every": cfg.log_every if conflict else 0, "last_step": cfg.num_steps,
+          "affinity_every": every, "affinity_lr": float(lr) if lr else None,
+          "phase_at": None if strategy == "end_to_end" else functools.partial(
+              strategies.phase_at, strategy, phases, names)}
 
 
 def load_data(cfg, split: str, label_keys) -> dict:
@@ -207,6 +237,13 @@ def evaluate_split(evaluate, state, arrays, tasks, batch_size, mesh) -> dict:
   return results
 
 
+def _record(step_metrics) -> dict:
+  """A log record of fetched metrics: scalars as floats, arrays (``conflict/cosine``,
+  ``affinity``, ``relations/*``) as nested lists."""
+  return {k: float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64).tolist()
+          for k, v in step_metrics.items()}
+
+
 def _flat(results, prefix):
   return {f"{prefix}/{t}/{m}": v for t, values in results.items() for m, v in values.items()}
 
@@ -269,11 +306,12 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
     def train_step(state, batch, step):  # the meta batch: an independent draw (seed + 1)
       meta_batch = pipeline.train_batch(meta_arrays, seed=cfg.seed + 1, step=step,
                                         batch_size=cfg.batch_size)
-      return trainer.step(state, batch, step_lib.shard_batch(meta_batch, mesh))
+      return trainer.step(state, batch, step_lib.shard_batch(meta_batch, mesh),
+                          phase=trainer.phase(step))
   else:
     def train_step(state, batch, step):
-      del step
-      return trainer.step(state, batch)
+      return trainer.step(state, batch, phase=trainer.phase(step))
+  affinity_every = (cfg.get("relations", None) or {}).get("affinity_every", 0)
   names = tuple(exp.tasks)
   mngr = checkpoint.manager(ckpt_dir, cfg.keep_checkpoints)
 
@@ -297,8 +335,11 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
         logs = cfg.log_every and (done % cfg.log_every == 0 or done == cfg.num_steps)
         evals = cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.num_steps
         saves = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == last
+        affinity = affinity_every and done % affinity_every == 0
         if logs:
-          record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          record = _record(jax.device_get(step_metrics))
+          if not affinity:
+            record.pop("affinity", None)
           now = time.perf_counter()
           record.update(step=done, split="train", learning_rate=float(exp.schedule(step)),
                         steps_per_sec=(done - tick_step) / (now - tick))
@@ -311,6 +352,9 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
             skipped = record["skipped"]
             warn(f"step {done}: {int(skipped)} non-finite update(s) skipped so far "
                  "(config.nonfinite='skip')")
+        elif affinity:  # TAG's affinity at a step that logs nothing else
+          log.write(json.dumps({"step": done, "split": "affinity", "affinity": np.asarray(
+              jax.device_get(step_metrics["affinity"])).tolist()}) + "\n")
         if logs or evals or saves:  # the loop syncs here anyway
           check_health(state, names, cfg, saved)
         if evals:
@@ -350,6 +394,7 @@ def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None) -> dict:
     tables.append(metrics.format_table(results, None if np.isnan(delta) else delta,
                                        f"{split}, step {int(state.step)}, "
                                        f"method {cfg.weighting.name}"))
+  out.update(_relations_summary(os.path.join(workdir, "metrics.jsonl"), tuple(exp.tasks)))
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(out, f, indent=2)
   text = "\n\n".join(tables)
@@ -358,6 +403,25 @@ def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None) -> dict:
   print(text)
   plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
   return out
+
+
+def _relations_summary(log_path: str, names) -> dict:
+  """``{"relations": {...}}``: TAG's affinity and the gradient cosine averaged over the run's
+  log (empty when neither was logged)."""
+  if not os.path.exists(log_path):
+    return {}
+  with open(log_path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  out = {"tasks": list(names)}
+  for key, name in (("affinity", "affinity"), ("conflict/cosine", "conflict_cosine")):
+    mean, count = relations.mean_matrix(records, key)
+    if count:
+      out[name] = mean.tolist()
+      out[f"{name}_count"] = count
+  fractions = [r["conflict/fraction"] for r in records if "conflict/fraction" in r]
+  if fractions:
+    out["conflict_fraction"] = float(np.mean(fractions))
+  return {"relations": out} if len(out) > 1 else {}
 
 
 def evaluate(cfg, workdir: str) -> dict:
