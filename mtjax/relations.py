@@ -195,3 +195,44 @@ def mean_matrix(records, key: str):
   if not mats:
     return None, 0
   return np.mean(mats, axis=0), len(mats)
+
+
+def run_affinity(workdir: str) -> tuple[tuple[str, ...], np.ndarray, int]:
+  """``(task names, affinity (T, T), how many steps it averages)`` of a run's workdir: from
+  ``results.json`` (a finished run), else averaged over ``metrics.jsonl``. Raises ValueError
+  when the run logged no affinity."""
+  import json
+  import os
+
+  results = os.path.join(workdir, "results.json")
+  if os.path.exists(results):
+    with open(results) as f:
+      rel = json.load(f).get("relations", {})
+    if "affinity" in rel:
+      return tuple(rel["tasks"]), np.asarray(rel["affinity"]), rel["affinity_count"]
+  log = os.path.join(workdir, "metrics.jsonl")
+  config = os.path.join(workdir, "config.json")
+  if os.path.exists(log) and os.path.exists(config):
+    with open(config) as f:
+      names = tuple(json.load(f)["tasks"])
+    with open(log) as f:
+      records = [json.loads(line) for line in f if line.strip()]
+    mean, count = mean_matrix(records, "affinity")
+    if count:
+      return names, mean, count
+  raise ValueError(f"--workdir: {workdir!r} holds no inter-task affinity (results.json or "
+                   "metrics.jsonl of a run trained with --config.relations.affinity_every=K)")
+
+
+def format_grouping(names, affinity, groups, score) -> str:
+  """The affinity matrix and the chosen groups as Markdown."""
+  lines = ["| from \\ onto | " + " | ".join(names) + " |",
+           "|---" * (len(names) + 1) + "|"]
+  for i, name in enumerate(names):
+    lines.append(f"| {name} | " + " | ".join(f"{affinity[i, j]:+.3g}"
+                                             for j in range(len(names))) + " |")
+  lines.append("")
+  lines.append(f"{len(groups)} group(s), total inter-task affinity {score:+.4g}:")
+  for g in groups:
+    lines.append("- " + ", ".join(names[i] for i in g))
+  return "\n".join(lines)

@@ -126,15 +126,13 @@ def step_relations():
   """The step's conflict and affinity metrics (every step) with an independent reference."""
   batch = scenes(4, size=16)
   model, tasks, _ = tiny_setup(NAMES)
-  out = {}
-  for name, kwargs in (("ew", {}), ("mgda", {"task_chunk": 1})):
-    trainer, state, mesh = tiny_trainer(
-        weighting.get(name), task_names=NAMES, batch=4, size=16, conflict_every=1,
-        affinity_every=1, lookahead_lr=0.5, donate=False, devices=jax.devices()[:1], **kwargs)
-    params, stats = jax.device_get((state.params, state.batch_stats))
-    _, metrics = trainer.step(state, step_lib.shard_batch(batch, mesh))
-    out[name] = jax.device_get(metrics)
-  return out, model, tasks, params, stats, jax.tree_util.tree_map(jnp.asarray, batch)
+  trainer, state, mesh = tiny_trainer(
+      weighting.get("ew"), task_names=NAMES, batch=4, size=16, conflict_every=1,
+      affinity_every=1, lookahead_lr=0.5, donate=False, devices=jax.devices()[:1])
+  params, stats = jax.device_get((state.params, state.batch_stats))
+  _, metrics = trainer.step(state, step_lib.shard_batch(batch, mesh))
+  return (jax.device_get(metrics), model, tasks, params, stats,
+          jax.tree_util.tree_map(jnp.asarray, batch))
 
 
 def test_step_conflict_and_affinity_match_a_direct_computation(step_relations):
@@ -154,13 +152,40 @@ def test_step_conflict_and_affinity_match_a_direct_computation(step_relations):
                         axis=1).astype(np.float64)
   norms = np.linalg.norm(flat, axis=1)
   cos = flat @ flat.T / np.outer(norms, norms)
-  for name in ("ew", "mgda"):  # loss level under the cond; the chunked Gram matrix
-    np.testing.assert_allclose(out[name]["conflict/cosine"], cos, atol=2e-4)
-    np.testing.assert_allclose(out[name]["conflict/grad_norm"], norms, rtol=2e-4)
-    assert out[name]["conflict/fraction"] == float(cos[0, 1] < 0)
+  # A loss-level method: the per-task gradients under the cond, at the parameter level.
+  np.testing.assert_allclose(out["conflict/cosine"], cos, atol=2e-4)
+  np.testing.assert_allclose(out["conflict/grad_norm"], norms, rtol=2e-4)
+  assert out["conflict/fraction"] == float(cos[0, 1] < 0)
   expected = np.stack([
       1 - np.asarray(losses(jax.tree_util.tree_map(lambda p, gi, i=i: p - 0.5 * gi[i],
                                                     shared, g)), np.float64) / base
       for i in range(len(NAMES))])
-  np.testing.assert_allclose(out["ew"]["affinity"], expected, atol=2e-5)
-  assert np.all(np.diag(out["ew"]["affinity"]) > 0)  # each task's own step helps it
+  np.testing.assert_allclose(out["affinity"], expected, atol=2e-5)
+  assert np.all(np.diag(out["affinity"]) > 0)  # each task's own step helps it
+
+
+def test_group_command_reads_a_runs_affinity(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  names = ["a", "b", "c", "d"]
+  a = np.full((4, 4), -0.2)
+  a[0, 3] = a[3, 0] = a[1, 2] = a[2, 1] = 0.6
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "results.json").write_text(json.dumps(
+      {"relations": {"tasks": names, "affinity": a.tolist(), "affinity_count": 7}}))
+  run = subprocess.run([sys.executable, "-m", "mtjax.cli", "group", "--workdir",
+                        str(tmp_path / "run"), "--groups", "2"], cwd=root, capture_output=True,
+                       text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "- a, d\n- b, c" in run.stdout and "mean of 7 steps" in run.stdout
+  assert (tmp_path / "run" / "grouping_2.md").read_text().strip() == run.stdout.strip()
+  (tmp_path / "none").mkdir()
+  bad = subprocess.run([sys.executable, "-m", "mtjax.cli", "group", "--workdir",
+                        str(tmp_path / "none"), "--groups", "2"], cwd=root, capture_output=True,
+                       text=True, timeout=300)
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr
+  assert "holds no inter-task affinity" in bad.stderr and "affinity_every" in bad.stderr
