@@ -60,6 +60,11 @@ def get_config(arg=None):
   config.eval_every = 500
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
+  # At each evaluation, predictions/step_<N>.png: this many validation images with every task's
+  # target and prediction (0: none). TensorBoard event files next to metrics.jsonl (needs the
+  # optional extra: pip install 'mtjax[tensorboard]').
+  config.prediction_images = 4
+  config.tensorboard = False
   config.eval_batch_size = 128  # a multiple of the device count (1, 2, 4, 8, …)
   # Single-task results of the same model, steps and seed (Δm% is computed against them).
   config.baselines = ml_collections.ConfigDict()

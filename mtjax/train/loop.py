@@ -2,7 +2,9 @@
 
 ``train(config, workdir)`` is what ``mtjax train`` runs. The workdir holds ``config.json``,
 ``checkpoints/`` (orbax), ``metrics.jsonl`` (one JSON object a logging or evaluation step),
-and at the end ``results.json``, ``results.md`` and ``curves.png``.
+``predictions/step_<N>.png`` at each evaluation (:mod:`mtjax.train.figures`), TensorBoard event
+files if ``config.tensorboard``, and at the end ``results.json``, ``results.md``,
+``curves.png`` and ``relations.png``.
 """
 
 import contextlib
@@ -23,9 +25,10 @@ from mtjax import tasks as tasks_lib
 from mtjax.data import pipeline
 from mtjax.errors import RunError, UserError
 from mtjax.models import labels
-from mtjax.train import optim, strategies
+from mtjax.train import figures, optim, strategies
 from mtjax.train import step as step_lib
 from mtjax.train import trainer as trainer_lib
+from mtjax.train.figures import plot_curves
 
 
 class Experiment(NamedTuple):
@@ -314,6 +317,8 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   affinity_every = (cfg.get("relations", None) or {}).get("affinity_every", 0)
   names = tuple(exp.tasks)
   mngr = checkpoint.manager(ckpt_dir, cfg.keep_checkpoints)
+  board = _tensorboard(cfg, workdir, names)
+  show = _prediction_shower(cfg, exp, workdir, val_arrays, board)
 
   def save():
     position = pipeline.position(int(state.step), len(train_arrays["image"]), cfg.batch_size)
@@ -346,6 +351,8 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
           tick, tick_step = now, done
           log.write(json.dumps(record) + "\n")
           log.flush()
+          if board:
+            board.scalars(record, done)
           bar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in record.items()
                            if k.startswith("loss/") and k.count("/") == 1})
           if record.get("skipped", 0) != (skipped or 0):
@@ -363,6 +370,9 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
           log.write(json.dumps({"step": done, "split": "validation",
                                 **_flat(results, "validation")}) + "\n")
           log.flush()
+          if board:
+            board.scalars(_flat(results, "validation"), done)
+          show(state, done)
         if saves:
           save()
           saved = done
@@ -376,12 +386,63 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   bar.close()
   mngr.close()
   if int(state.step) < cfg.num_steps:
+    if board:
+      board.close()
     return {}
-  return report(cfg, workdir, exp, trainer, state, mesh, val_arrays)
+  try:
+    return report(cfg, workdir, exp, trainer, state, mesh, val_arrays, board=board, show=show)
+  finally:
+    if board:
+      board.close()
 
 
-def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None) -> dict:
-  """Evaluates on validation and test; writes results.json, results.md and curves.png."""
+def _tensorboard(cfg, workdir, names):
+  """A :class:`mtjax.train.figures.TensorBoard` writing into ``workdir`` if
+  ``config.tensorboard``, else None."""
+  if not cfg.get("tensorboard", False):
+    return None
+  try:
+    return figures.TensorBoard(workdir, names)
+  except ImportError as e:
+    raise UserError(str(e)) from None
+
+
+def _prediction_shower(cfg, exp, workdir, val_arrays, board=None):
+  """``show(state, step)``: writes ``predictions/step_<step>.png`` (the first
+  ``config.prediction_images`` validation examples, each task's target and prediction; see
+  :func:`mtjax.train.figures.prediction_grid`) and adds it to TensorBoard; a no-op at 0."""
+  n = min(cfg.get("prediction_images", 0), len(val_arrays["image"]))
+  if n <= 0:
+    return lambda state, step: None
+  model, tasks = exp.model, exp.tasks
+  info = data.dataset_info(cfg.dataset.name)["tasks"]
+  size = tuple(cfg.dataset.image_size)
+  targets = {name: val_arrays[next(iter(task.label_spec(size)))][:n]
+             for name, task in tasks.items() if next(iter(task.label_spec(size))) in val_arrays}
+  images = val_arrays["image"][:n]
+
+  @jax.jit
+  def predict(params, batch_stats):
+    outputs = model.apply({"params": params, "batch_stats": batch_stats}, images, False)
+    return {name: task.predict_fn(outputs[name]) for name, task in tasks.items()}
+
+  def show(state, step):
+    predictions = jax.device_get(predict(state.params, state.batch_stats))
+    folder = os.path.join(workdir, "predictions")
+    os.makedirs(folder, exist_ok=True)
+    grid = figures.prediction_grid(
+        os.path.join(folder, f"step_{step}.png"), images, targets, predictions,
+        {name: info[name].get("num_classes", 0) or 0 for name in tasks},
+        title=f"validation examples, step {step}")
+    if board:
+      board.image("predictions", grid, step)
+  return show
+
+
+def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None, board=None,
+           show=None) -> dict:
+  """Evaluates on validation and test; writes results.json, results.md, curves.png, the
+  relation heatmaps (relations.png, when the log has matrices) and the last prediction grid."""
   if val_arrays is None:
     val_arrays = load_data(cfg, "validation", exp.label_keys)
   test_arrays = load_data(cfg, "test", exp.label_keys)
@@ -401,7 +462,12 @@ def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None) -> dict:
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(text + "\n")
   print(text)
-  plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
+  log_path = os.path.join(workdir, "metrics.jsonl")
+  plot_curves(log_path, os.path.join(workdir, "curves.png"))
+  figures.relation_heatmaps(log_path, os.path.join(workdir, "relations.png"), tuple(exp.tasks))
+  (show or _prediction_shower(cfg, exp, workdir, val_arrays, board))(state, int(state.step))
+  if board:
+    board.scalars(_flat(out["validation"]["metrics"], "final/validation"), int(state.step))
   return out
 
 
@@ -435,36 +501,6 @@ def evaluate(cfg, workdir: str) -> dict:
     raise UserError(f"--workdir: {workdir!r} has no checkpoint to evaluate")
   state = initial_state(cfg, trainer, workdir, step)
   return report(cfg, workdir, exp, trainer, state, mesh)
-
-
-def plot_curves(log_path: str, png_path: str) -> None:
-  """Per-task training losses, task weights and validation metrics against the step."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  with open(log_path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
-  train = [r for r in records if r["split"] == "train"]
-  val = [r for r in records if r["split"] == "validation"]
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-  for ax, prefix, title in ((axes[0], "loss/", "training loss"),
-                            (axes[1], "weight/", "task weight")):
-    for key in sorted({k for r in train for k in r if k.startswith(prefix)}):
-      ax.plot([r["step"] for r in train], [r[key] for r in train], label=key[len(prefix):])
-    ax.set(title=title, xlabel="step")
-  axes[0].set_yscale("log")
-  for key in sorted({k for r in val for k in r if k.startswith("validation/")}):
-    if key.split("/")[-1] in ("miou", "abs_err", "mean_angle", "accuracy"):
-      axes[2].plot([r["step"] for r in val], [r[key] for r in val], marker="o",
-                   label=key[len("validation/"):])
-  axes[2].set(title="validation metrics", xlabel="step")
-  for ax in axes:
-    if ax.get_legend_handles_labels()[0]:
-      ax.legend()
-  fig.tight_layout()
-  fig.savefig(png_path, dpi=80)
-  plt.close(fig)
 
 
 def _progress(initial, total, enabled):
