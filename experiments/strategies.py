@@ -17,17 +17,15 @@ import sys
 
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sweep  # noqa: E402  (experiments/sweep.py: the baselines and the config helper)
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The experiment config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and the table go.")
+# --config, --workdir and --split are experiments/sweep.py's flags (defined on import).
+_CONFIG, _WORKDIR, _SPLIT = sweep._CONFIG, sweep._WORKDIR, sweep._SPLIT  # noqa: SLF001
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
 _STRATEGIES = flags.DEFINE_string("strategies", "end_to_end,alternating,progressive",
                                   "Comma-separated strategies.")
-_SPLIT = flags.DEFINE_string("split", "test", "The split the table reports.")
 
 
 def run(cfg, workdir, strategies, seeds, split="test") -> dict:

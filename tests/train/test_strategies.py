@@ -1,6 +1,7 @@
 """Optimisation strategies: phases as a function of the step, frozen groups, resume mid-phase."""
 
 import functools
+import json
 
 import jax
 import ml_collections
@@ -10,7 +11,7 @@ import pytest
 
 from mtjax import weighting
 from mtjax.models import labels
-from mtjax.train import loop, optim
+from mtjax.train import figures, loop, optim
 from mtjax.train import step as step_lib
 from mtjax.train import strategies as st
 from tests.helpers import read_log, restore_latest, scenes, tiny_config, tiny_setup, tiny_trainer
@@ -121,8 +122,8 @@ def data_dir(tmp_path_factory):
 
 
 def test_alternating_resumes_mid_phase_bitwise_with_one_compile_per_phase(data_dir, tmp_path):
-  cfg = tiny_config(data_dir, method="dwa", strategy="alternating",
-                    **{"phases.specific_steps": 2, "phases.shared_steps": 2})
+  cfg = tiny_config(data_dir, method="dwa", strategy="alternating", prediction_images=2,
+                    tensorboard=True, **{"phases.specific_steps": 2, "phases.shared_steps": 2})
   compiled = []
 
   def on_duration(event, duration, **kwargs):
@@ -142,3 +143,11 @@ def test_alternating_resumes_mid_phase_bitwise_with_one_compile_per_phase(data_d
   full, cut = restore_latest(tmp_path / "full")[1], restore_latest(tmp_path / "cut")[1]
   assert _tree_equal(full, cut)
   assert read_log(tmp_path / "full") == read_log(tmp_path / "cut")
+  # What a run shows: a prediction grid at each evaluation and at the end, the conflict
+  # heatmaps, TensorBoard events (presentation: the trajectory above is unchanged by them).
+  for name in ("predictions/step_3.png", "predictions/step_6.png", "relations.png",
+               "curves.png"):
+    assert (tmp_path / "full" / name).exists(), name
+  assert figures.events_in(str(tmp_path / "full"))
+  out = json.loads((tmp_path / "full" / "results.json").read_text())["relations"]
+  assert out["tasks"] == list(cfg.tasks) and out["conflict_cosine_count"] == 3
