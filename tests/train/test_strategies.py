@@ -151,3 +151,20 @@ def test_alternating_resumes_mid_phase_bitwise_with_one_compile_per_phase(data_d
   assert figures.events_in(str(tmp_path / "full"))
   out = json.loads((tmp_path / "full" / "results.json").read_text())["relations"]
   assert out["tasks"] == list(cfg.tasks) and out["conflict_cosine_count"] == 3
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"strategy": "sideways"}, "config.strategy: got 'sideways'"),
+    ({"strategy": "alternating", "method": "mgda"}, "config.strategy: 'alternating' needs a "
+                                                    "loss-level"),
+    ({"strategy": "progressive", "phases.add_every": 0}, "config.phases.add_every"),
+    ({"relations.affinity_every": -1}, "config.relations.affinity_every"),
+    ({"prediction_images": -2}, "config.prediction_images"),
+])
+def test_bad_strategy_and_relation_fields_fail_before_anything_is_built(tmp_path, overrides,
+                                                                        match):
+  from mtjax.errors import UserError
+  cfg = tiny_config(tmp_path / "data", **overrides)
+  with pytest.raises(UserError, match=match):
+    loop.train(cfg, str(tmp_path / "run"), progress=False)
+  assert not (tmp_path / "run").exists()
