@@ -123,11 +123,15 @@ def read_log(log_path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_curves(log_path: str, png_path: str) -> None:
+def plot_curves(log_path: str, png_path: str, final: dict | None = None) -> None:
   """Training losses and task weights against the step, the fraction of conflicting gradient
-  pairs when logged, and one panel per validation metric (every evaluation a point)."""
+  pairs when logged, and one panel per validation metric (every evaluation a point; ``final``,
+  a validation record ``{"step": N, "validation/<task>/<metric>": value}``, adds the final
+  evaluation, which the log does not hold)."""
   plt = _pyplot()
   records = read_log(log_path)
+  if final:
+    records.append({"split": "validation", **final})
   train = [r for r in records if r["split"] == "train"]
   val = [r for r in records if r["split"] == "validation"]
   metrics = sorted({k for r in val for k in r if k.startswith("validation/")})
@@ -197,11 +201,12 @@ def relation_heatmaps(log_path: str, png_path: str, names, max_steps: int = 5) -
   for (key, shown, mean, count), row in zip(rows, axes, strict=True):
     t = mean.shape[0]
     ticks = list(names) if len(names) == t else [str(i) for i in range(t)]
-    limit = max(float(np.max(np.abs(mean))), max(float(np.max(np.abs(m))) for _, m in shown))
-    limit = limit if key != "conflict/cosine" else 1.0
     cells = [*[(f"step {s}", m) for s, m in shown], (f"mean of {count}", mean)]
     for ax, (title, m) in zip(row, cells, strict=False):
-      ax.imshow(m, cmap="RdBu", vmin=-limit or -1, vmax=limit or 1)
+      # Cosines on their own scale; other matrices (the affinity scales with the learning rate
+      # of its step) each on a symmetric scale of their own: blue helps, red hurts.
+      limit = 1.0 if key == "conflict/cosine" else float(np.max(np.abs(m))) or 1.0
+      ax.imshow(m, cmap="RdBu", vmin=-limit, vmax=limit)
       for i in range(t):
         for j in range(t):
           ax.text(j, i, f"{m[i, j]:.2g}", ha="center", va="center", fontsize=6)

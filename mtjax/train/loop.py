@@ -463,7 +463,8 @@ def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None, board=None,
     f.write(text + "\n")
   print(text)
   log_path = os.path.join(workdir, "metrics.jsonl")
-  plot_curves(log_path, os.path.join(workdir, "curves.png"))
+  plot_curves(log_path, os.path.join(workdir, "curves.png"),
+              {"step": int(state.step), **_flat(out["validation"]["metrics"], "validation")})
   figures.relation_heatmaps(log_path, os.path.join(workdir, "relations.png"), tuple(exp.tasks))
   (show or _prediction_shower(cfg, exp, workdir, val_arrays, board))(state, int(state.step))
   if board:
