@@ -26,6 +26,8 @@ _CONFIG, _WORKDIR, _SPLIT = sweep._CONFIG, sweep._WORKDIR, sweep._SPLIT  # noqa:
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
 _STRATEGIES = flags.DEFINE_string("strategies", "end_to_end,alternating,progressive",
                                   "Comma-separated strategies.")
+_COLLECT = flags.DEFINE_bool("collect_only", False, "Train nothing: assemble the table from the "
+                             "finished runs' results.json in the workdir.")
 
 
 def run(cfg, workdir, strategies, seeds, split="test") -> dict:
@@ -52,6 +54,22 @@ def run(cfg, workdir, strategies, seeds, split="test") -> dict:
   with open(os.path.join(workdir, "strategies.md"), "w") as f:
     f.write(format_table(result) + "\n")
   return result
+
+
+def collect(cfg, workdir, strategies, seeds, split="test") -> dict:
+  """The table's data from finished runs in ``workdir`` (``sweep.json`` for the baselines)."""
+  with open(os.path.join(workdir, "sweep.json")) as f:
+    baselines = json.load(f)["baselines"]
+  runs = {}
+  for strategy in strategies:
+    for seed in seeds:
+      with open(os.path.join(workdir, f"{strategy}_seed{seed}", "results.json")) as f:
+        out = json.load(f)
+      runs.setdefault(strategy, {})[seed] = {"delta_m": out[split]["delta_m"],
+                                             "metrics": out[split]["metrics"]}
+  return {"split": split, "num_steps": cfg.num_steps, "seeds": list(seeds),
+          "baseline_seed": cfg.seed, "phases": cfg.phases.to_dict(), "baselines": baselines,
+          "runs": runs}
 
 
 def format_table(result) -> str:
@@ -83,7 +101,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   seeds = [int(s) for s in _SEEDS.value.split(",")]
-  result = run(_CONFIG.value, _WORKDIR.value, _STRATEGIES.value.split(","), seeds, _SPLIT.value)
+  strategies = _STRATEGIES.value.split(",")
+  if _COLLECT.value:
+    result = collect(_CONFIG.value, _WORKDIR.value, strategies, seeds, _SPLIT.value)
+    for name, text in (("strategies.json", json.dumps(result, indent=2)),
+                       ("strategies.md", format_table(result))):
+      with open(os.path.join(_WORKDIR.value, name), "w") as f:
+        f.write(text + "\n")
+  else:
+    result = run(_CONFIG.value, _WORKDIR.value, strategies, seeds, _SPLIT.value)
   print(format_table(result))
 
 
