@@ -1,4 +1,6 @@
-"""``mtjax train|eval --config FILE[:ARG] --workdir DIR [--config.FIELD=VALUE ...] [--verbose]``.
+"""``mtjax train|eval --config FILE[:ARG] --workdir DIR [--config.FIELD=VALUE ...] [--verbose]``;
+``mtjax group --workdir RUN --groups K``: the best split of a finished run's tasks into K groups
+by its averaged inter-task affinity (TAG; :func:`mtjax.relations.group_tasks`).
 
 A user error (a bad flag or config field, the data dir, the workdir, a checkpoint of another
 config) prints one line, ``mtjax: error: <message>``, and exits with 2; a run that cannot go on
@@ -14,7 +16,7 @@ from ml_collections import config_flags
 
 from mtjax.errors import RunError, UserError
 
-COMMANDS = ("train", "eval")
+COMMANDS = ("train", "eval", "group")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "An ml_collections config file, e.g. experiments/configs/shapes.py[:METHOD].",
     lock_config=True)
@@ -31,6 +33,7 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "With --distributed: this process's index, 0..num_processes-1 "
     "(else detected).")
+_GROUPS = flags.DEFINE_integer("groups", None, "mtjax group: the number of task groups.")
 
 
 def _fail(message, code: int, verbose: bool):
@@ -109,7 +112,35 @@ def _initialize_distributed():
           "--process_id=I", 2, _VERBOSE.value)
 
 
+def _group(argv):
+  """``mtjax group``: prints the affinity and the best grouping; writes grouping_<K>.md."""
+  import os
+
+  from mtjax import relations
+
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {argv[1:]}", 2, False)
+  if _WORKDIR.value is None or _GROUPS.value is None:
+    _fail("mtjax group needs --workdir (a finished run) and --groups K", 2, False)
+  try:
+    names, affinity, count = relations.run_affinity(_WORKDIR.value)
+    groups, score = relations.group_tasks(affinity, _GROUPS.value)
+  except ValueError as e:
+    message = str(e)
+    _fail(message if message.startswith("--") else f"--groups / --workdir: {message}", 2,
+          _VERBOSE.value)
+  table = relations.format_grouping(names, affinity, groups, score)
+  text = (f"Inter-task affinity (TAG, mean of {count} steps; row: the task whose step, "
+          f"column: the task whose loss)\n\n{table}")
+  print(text)
+  with open(os.path.join(_WORKDIR.value, f"grouping_{_GROUPS.value}.md"), "w") as f:
+    f.write(text + "\n")
+
+
 def _run(command: str):
+  if command == "group":
+    return _group
+
   def run(argv):
     if len(argv) > 1:
       _fail(f"unexpected arguments: {argv[1:]}", 2, False)
@@ -136,8 +167,8 @@ def _run(command: str):
 def main(argv=None):
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] not in COMMANDS:
-    print(f"usage: mtjax {{{'|'.join(COMMANDS)}}} --config FILE --workdir DIR "
-          "[--config.FIELD=VALUE ...] [--verbose]", file=sys.stderr)
+    print("usage: mtjax {train|eval} --config FILE --workdir DIR [--config.FIELD=VALUE ...] "
+          "[--verbose]\n       mtjax group --workdir RUN --groups K", file=sys.stderr)
     sys.exit(2)
   app.run(_run(argv[1]), argv=[f"mtjax {argv[1]}", *argv[2:]], flags_parser=_parse_flags)
 

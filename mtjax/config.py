@@ -15,7 +15,7 @@ from mtjax.errors import UserError
 PRESENTATION_FIELDS = ("log_every", "eval_every", "checkpoint_every", "eval_batch_size",
                        "baselines", "dataset.data_dir", "progress_bar", "keep_checkpoints",
                        "dataset.num_workers", "dataset.loader",  # the same batches either way
-                       "mesh")
+                       "mesh", "relations", "prediction_images", "tensorboard")
 
 
 def weighting_config(name: str = "ew") -> ml_collections.ConfigDict:
@@ -78,6 +78,12 @@ def validate(cfg, num_devices: int = 1) -> None:
   _check(cfg.get("nonfinite", "stop") in ("stop", "skip"), "nonfinite",
          cfg.get("nonfinite"), "'stop' or 'skip' (what a step with a non-finite loss, gradient "
          "or parameter does)")
+  images = cfg.get("prediction_images", 0)
+  _check(isinstance(images, int) and not isinstance(images, bool) and images >= 0,
+         "prediction_images", images, "an int >= 0 (validation examples drawn at each "
+         "evaluation; 0: none)")
+  _check(isinstance(cfg.get("tensorboard", False), bool), "tensorboard",
+         cfg.get("tensorboard"), "a bool (TensorBoard event files through tensorboardX)")
   skips = cfg.get("max_consecutive_skips", 10)
   _check(isinstance(skips, int) and skips >= 1, "max_consecutive_skips", skips, "an int >= 1")
   for name, metrics in cfg.baselines.items():

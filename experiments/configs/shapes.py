@@ -45,12 +45,29 @@ def get_config(arg=None):
   # the update and counts it, and stops after max_consecutive_skips skips in a row.
   config.nonfinite = "stop"
   config.max_consecutive_skips = 10
+  # How the parameter groups train over the steps (mtjax/train/strategies.py): "end_to_end",
+  # "alternating", "alternating_taskwise" or "progressive" (the last three: loss-level methods).
+  config.strategy = "end_to_end"
+  config.phases = ml_collections.ConfigDict({
+      "specific_steps": 50, "shared_steps": 50,   # alternating: heads, then the shared part
+      "initial_tasks": 1, "add_every": 100,       # progressive: tasks at step 0, then one more
+      "freeze_shared": False})                    # progressive: freeze the backbone once adding
+  # Task relations (mtjax/relations.py): gradient conflict at every logging step; TAG's
+  # inter-task affinity every affinity_every steps (0: off) with the lookahead rate
+  # affinity_lr (0: the optimizer's learning rate at the step).
+  config.relations = ml_collections.ConfigDict({
+      "conflict": True, "affinity_every": 0, "affinity_lr": 0.0})
   config.batch_size = 32
   config.num_steps = 1000
   config.log_every = 50
   config.eval_every = 500
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
+  # At each evaluation, predictions/step_<N>.png: this many validation images with every task's
+  # target and prediction (0: none). TensorBoard event files next to metrics.jsonl (needs the
+  # optional extra: pip install 'mtjax[tensorboard]').
+  config.prediction_images = 4
+  config.tensorboard = False
   config.eval_batch_size = 128  # a multiple of the device count (1, 2, 4, 8, …)
   # Single-task results of the same model, steps and seed (Δm% is computed against them).
   config.baselines = ml_collections.ConfigDict()

@@ -2,7 +2,9 @@
 
 ``train(config, workdir)`` is what ``mtjax train`` runs. The workdir holds ``config.json``,
 ``checkpoints/`` (orbax), ``metrics.jsonl`` (one JSON object a logging or evaluation step),
-and at the end ``results.json``, ``results.md`` and ``curves.png``.
+``predictions/step_<N>.png`` at each evaluation (:mod:`mtjax.train.figures`), TensorBoard event
+files if ``config.tensorboard``, and at the end ``results.json``, ``results.md``,
+``curves.png`` and ``relations.png``.
 """
 
 import contextlib
@@ -17,15 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtjax import checkpoint, data, metrics, models, weighting
+from mtjax import checkpoint, data, metrics, models, relations, weighting
 from mtjax import config as config_lib
 from mtjax import tasks as tasks_lib
 from mtjax.data import augment, pipeline
 from mtjax.errors import RunError, UserError
 from mtjax.models import labels, pretrained
-from mtjax.train import optim
+from mtjax.train import figures, optim, strategies
 from mtjax.train import step as step_lib
 from mtjax.train import trainer as trainer_lib
+from mtjax.train.figures import plot_curves
 
 
 class Experiment(NamedTuple):
@@ -69,8 +72,11 @@ def build(cfg) -> Experiment:
   with _building():
     if any(optim.group_rules(cfg.optimizer)):  # the groups cost a trace of the model
       optim.check_groups(cfg.optimizer, _groups(model, cfg))
-    optimizer = optim.make_optimizer(optimizer_config(cfg), cfg.num_steps,
-                                     functools.partial(labels.label_tree, model))
+    strategy = cfg.get("strategy", "end_to_end")
+    strategies.check(strategy, cfg.get("phases", None), tuple(cfg.tasks), method.level)
+    make = optim.make_optimizer if strategy == "end_to_end" else optim.make_grouped_optimizer
+    optimizer = make(optimizer_config(cfg), cfg.num_steps,
+                     functools.partial(labels.label_tree, model))
     schedule = optim.make_schedule(cfg.optimizer, cfg.num_steps)
   label_keys = tuple(dict.fromkeys(k for task in tasks.values()
                                    for k in tasks_lib.label_keys(task)))
@@ -104,7 +110,35 @@ def make_trainer(cfg, exp: Experiment, mesh):
             optimizer_config(cfg))[1], lookahead_lr=exp.schedule, mesh=mesh,
         nonfinite=cfg.get("nonfinite", "stop"),
         max_consecutive_skips=cfg.get("max_consecutive_skips", 10),
-        task_chunk=cfg.get("task_chunk", 0))
+        task_chunk=cfg.get("task_chunk", 0), **_relations_and_phases(cfg))
+
+
+def _relations_and_phases(cfg) -> dict:
+  """The trainer's relation and strategy arguments from ``config.relations`` and
+  ``config.strategy`` / ``config.phases`` (absent: conflict at logging steps, no affinity, end
+  to end)."""
+  rel = dict(cfg.get("relations", None) or {})
+  unknown = sorted(set(rel) - {"conflict", "affinity_every", "affinity_lr"})
+  if unknown:
+    raise ValueError(f"relations: unknown field(s) {unknown}; expected conflict, "
+                     "affinity_every, affinity_lr")
+  conflict = rel.get("conflict", True)
+  if not isinstance(conflict, bool):
+    raise ValueError(f"relations.conflict: got {conflict!r}; expected a bool")
+  every = rel.get("affinity_every", 0)
+  if not (isinstance(every, int) and not isinstance(every, bool) and every >= 0):
+    raise ValueError(f"relations.affinity_every: got {every!r}; expected an int >= 0 (0: off)")
+  lr = rel.get("affinity_lr", 0.0)
+  if not (isinstance(lr, (int, float)) and lr >= 0):
+    raise ValueError(f"relations.affinity_lr: got {lr!r}; expected a number >= 0 (0: the "
+                     "optimizer's learning rate at the step)")
+  strategy = cfg.get("strategy", "end_to_end")
+  phases = cfg.get("phases", None)
+  names = tuple(cfg.tasks)
+  return {"conflict_every": cfg.log_every if conflict else 0, "last_step": cfg.num_steps,
+          "affinity_every": every, "affinity_lr": float(lr) if lr else None,
+          "phase_at": None if strategy == "end_to_end" else functools.partial(
+              strategies.phase_at, strategy, phases, names)}
 
 
 def load_data(cfg, split: str, label_keys):
@@ -259,6 +293,13 @@ def make_mesh(cfg):
     return step_lib.make_mesh(shape=shape.to_dict() if hasattr(shape, "to_dict") else shape)
 
 
+def _record(step_metrics) -> dict:
+  """A log record of fetched metrics: scalars as floats, arrays (``conflict/cosine``,
+  ``affinity``, ``relations/*``) as nested lists."""
+  return {k: float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64).tolist()
+          for k, v in step_metrics.items()}
+
+
 def _flat(results, prefix):
   return {f"{prefix}/{t}/{m}": v for t, values in results.items() for m, v in values.items()}
 
@@ -330,13 +371,16 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
     def train_step(state, batch, step):  # the meta batch: an independent draw (seed + 1)
       meta_batch = pipeline.train_batch(meta_arrays, step=step,
                                         **{**data_kw, "seed": cfg.seed + 1})
-      return trainer.step(state, batch, step_lib.shard_batch(meta_batch, mesh))
+      return trainer.step(state, batch, step_lib.shard_batch(meta_batch, mesh),
+                          phase=trainer.phase(step))
   else:
     def train_step(state, batch, step):
-      del step
-      return trainer.step(state, batch)
+      return trainer.step(state, batch, phase=trainer.phase(step))
+  affinity_every = (cfg.get("relations", None) or {}).get("affinity_every", 0)
   names = tuple(exp.tasks)
   mngr = checkpoint.manager(ckpt_dir, cfg.keep_checkpoints)
+  board = _tensorboard(cfg, workdir, names)
+  show = _prediction_shower(cfg, exp, workdir, val_arrays, board)
 
   def save():
     position = pipeline.position(int(state.step), pipeline.size(train_arrays), cfg.batch_size,
@@ -369,20 +413,28 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
         logs = cfg.log_every and (done % cfg.log_every == 0 or done == cfg.num_steps)
         evals = cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.num_steps
         saves = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == last
+        affinity = affinity_every and done % affinity_every == 0
         if logs:
-          record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          record = _record(jax.device_get(step_metrics))
+          if not affinity:
+            record.pop("affinity", None)
           now = time.perf_counter()
           record.update(step=done, split="train", learning_rate=float(exp.schedule(step)),
                         steps_per_sec=(done - tick_step) / (now - tick))
           tick, tick_step = now, done
           log.write(json.dumps(record) + "\n")
           log.flush()
+          if board:
+            board.scalars(record, done)
           bar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in record.items()
                            if k.startswith("loss/") and k.count("/") == 1})
           if record.get("skipped", 0) != (skipped or 0):
             skipped = record["skipped"]
             warn(f"step {done}: {int(skipped)} non-finite update(s) skipped so far "
                  "(config.nonfinite='skip')")
+        elif affinity:  # TAG's affinity at a step that logs nothing else
+          log.write(json.dumps({"step": done, "split": "affinity", "affinity": np.asarray(
+              jax.device_get(step_metrics["affinity"])).tolist()}) + "\n")
         if logs or evals or saves:  # the loop syncs here anyway
           check_health(state, names, cfg, saved)
         if evals:
@@ -391,6 +443,9 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
           log.write(json.dumps({"step": done, "split": "validation",
                                 **_flat(results, "validation")}) + "\n")
           log.flush()
+          if board:
+            board.scalars(_flat(results, "validation"), done)
+          show(state, done)
         if saves:
           save()
           saved = done
@@ -404,12 +459,63 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   bar.close()
   mngr.close()
   if int(state.step) < cfg.num_steps:
+    if board:
+      board.close()
     return {}
-  return report(cfg, workdir, exp, trainer, state, mesh, val_arrays)
+  try:
+    return report(cfg, workdir, exp, trainer, state, mesh, val_arrays, board=board, show=show)
+  finally:
+    if board:
+      board.close()
 
 
-def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None) -> dict:
-  """Evaluates on validation and test; writes results.json, results.md and curves.png."""
+def _tensorboard(cfg, workdir, names):
+  """A :class:`mtjax.train.figures.TensorBoard` writing into ``workdir`` if
+  ``config.tensorboard``, else None."""
+  if not cfg.get("tensorboard", False):
+    return None
+  try:
+    return figures.TensorBoard(workdir, names)
+  except ImportError as e:
+    raise UserError(str(e)) from None
+
+
+def _prediction_shower(cfg, exp, workdir, val_arrays, board=None):
+  """``show(state, step)``: writes ``predictions/step_<step>.png`` (the first
+  ``config.prediction_images`` validation examples, each task's target and prediction; see
+  :func:`mtjax.train.figures.prediction_grid`) and adds it to TensorBoard; a no-op at 0."""
+  n = min(cfg.get("prediction_images", 0), len(val_arrays["image"]))
+  if n <= 0:
+    return lambda state, step: None
+  model, tasks = exp.model, exp.tasks
+  info = data.dataset_info(cfg.dataset.name)["tasks"]
+  size = tuple(cfg.dataset.image_size)
+  targets = {name: val_arrays[next(iter(task.label_spec(size)))][:n]
+             for name, task in tasks.items() if next(iter(task.label_spec(size))) in val_arrays}
+  images = val_arrays["image"][:n]
+
+  @jax.jit
+  def predict(params, batch_stats):
+    outputs = model.apply({"params": params, "batch_stats": batch_stats}, images, False)
+    return {name: task.predict_fn(outputs[name]) for name, task in tasks.items()}
+
+  def show(state, step):
+    predictions = jax.device_get(predict(state.params, state.batch_stats))
+    folder = os.path.join(workdir, "predictions")
+    os.makedirs(folder, exist_ok=True)
+    grid = figures.prediction_grid(
+        os.path.join(folder, f"step_{step}.png"), images, targets, predictions,
+        {name: info[name].get("num_classes", 0) or 0 for name in tasks},
+        title=f"validation examples, step {step}")
+    if board:
+      board.image("predictions", grid, step)
+  return show
+
+
+def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None, board=None,
+           show=None) -> dict:
+  """Evaluates on validation and test; writes results.json, results.md, curves.png, the
+  relation heatmaps (relations.png, when the log has matrices) and the last prediction grid."""
   if val_arrays is None:
     val_arrays = load_data(cfg, "validation", exp.label_keys)
   test_arrays = load_data(cfg, "test", exp.label_keys)
@@ -422,6 +528,7 @@ def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None) -> dict:
     tables.append(metrics.format_table(results, None if np.isnan(delta) else delta,
                                        f"{split}, step {int(state.step)}, "
                                        f"method {cfg.weighting.name}"))
+  out.update(_relations_summary(os.path.join(workdir, "metrics.jsonl"), tuple(exp.tasks)))
   text = "\n\n".join(tables)
   if not _primary():  # several hosts: process 0 writes the files
     return out
@@ -430,8 +537,33 @@ def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None) -> dict:
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(text + "\n")
   print(text)
-  plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
+  log_path = os.path.join(workdir, "metrics.jsonl")
+  plot_curves(log_path, os.path.join(workdir, "curves.png"),
+              {"step": int(state.step), **_flat(out["validation"]["metrics"], "validation")})
+  figures.relation_heatmaps(log_path, os.path.join(workdir, "relations.png"), tuple(exp.tasks))
+  (show or _prediction_shower(cfg, exp, workdir, val_arrays, board))(state, int(state.step))
+  if board:
+    board.scalars(_flat(out["validation"]["metrics"], "final/validation"), int(state.step))
   return out
+
+
+def _relations_summary(log_path: str, names) -> dict:
+  """``{"relations": {...}}``: TAG's affinity and the gradient cosine averaged over the run's
+  log (empty when neither was logged)."""
+  if not os.path.exists(log_path):
+    return {}
+  with open(log_path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  out = {"tasks": list(names)}
+  for key, name in (("affinity", "affinity"), ("conflict/cosine", "conflict_cosine")):
+    mean, count = relations.mean_matrix(records, key)
+    if count:
+      out[name] = mean.tolist()
+      out[f"{name}_count"] = count
+  fractions = [r["conflict/fraction"] for r in records if "conflict/fraction" in r]
+  if fractions:
+    out["conflict_fraction"] = float(np.mean(fractions))
+  return {"relations": out} if len(out) > 1 else {}
 
 
 def evaluate(cfg, workdir: str) -> dict:
@@ -445,36 +577,6 @@ def evaluate(cfg, workdir: str) -> dict:
     raise UserError(f"--workdir: {workdir!r} has no checkpoint to evaluate")
   state = initial_state(cfg, trainer, workdir, step)
   return report(cfg, workdir, exp, trainer, state, mesh)
-
-
-def plot_curves(log_path: str, png_path: str) -> None:
-  """Per-task training losses, task weights and validation metrics against the step."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  with open(log_path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
-  train = [r for r in records if r["split"] == "train"]
-  val = [r for r in records if r["split"] == "validation"]
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-  for ax, prefix, title in ((axes[0], "loss/", "training loss"),
-                            (axes[1], "weight/", "task weight")):
-    for key in sorted({k for r in train for k in r if k.startswith(prefix)}):
-      ax.plot([r["step"] for r in train], [r[key] for r in train], label=key[len(prefix):])
-    ax.set(title=title, xlabel="step")
-  axes[0].set_yscale("log")
-  for key in sorted({k for r in val for k in r if k.startswith("validation/")}):
-    if key.split("/")[-1] in ("miou", "abs_err", "mean_angle", "accuracy"):
-      axes[2].plot([r["step"] for r in val], [r[key] for r in val], marker="o",
-                   label=key[len("validation/"):])
-  axes[2].set(title="validation metrics", xlabel="step")
-  for ax in axes:
-    if ax.get_legend_handles_labels()[0]:
-      ax.legend()
-  fig.tight_layout()
-  fig.savefig(png_path, dpi=80)
-  plt.close(fig)
 
 
 def _progress(initial, total, enabled):

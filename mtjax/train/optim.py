@@ -7,6 +7,7 @@ unfreezing it later continues where it stopped. Without scales or frozen groups 
 is the plain transformation.
 """
 
+import flax.traverse_util as traverse
 import jax
 import optax
 
@@ -99,3 +100,53 @@ def make_optimizer(cfg, num_steps: int, label_fn=None) -> optax.GradientTransfor
     transforms[f"scale={scale}"] = optax.chain(_base(cfg, schedule), optax.scale(scale))
   return optax.multi_transform(
       transforms, lambda params: jax.tree_util.tree_map(rule, label_fn(params)))
+
+
+def make_grouped_optimizer(cfg, num_steps: int, label_fn) -> optax.GradientTransformationExtraArgs:
+  """One independent copy of the configured optimizer per parameter group (label), for the
+  strategies (:mod:`mtjax.train.strategies`): ``update(grads, state, params, frozen=prefixes)``
+  gives the groups in ``frozen`` a zero update and keeps their state bitwise, so a group
+  frozen for a phase continues where it stopped. ``lr_scale`` and ``frozen`` of the config
+  apply as in :func:`make_optimizer`. Per group means each group's step count (and so its
+  learning-rate schedule) advances only while it trains, and ``grad_clip`` clips each
+  group's norm. The state is a tuple, one entry per group in sorted label order.
+  """
+  schedule = make_schedule(cfg, num_steps)
+  scales, frozen_cfg = group_rules(cfg)
+
+  def transform(label):
+    best = max((p for p in (*scales, *frozen_cfg) if labels.matches(label, p)), key=len,
+               default=None)
+    if best is None:
+      return _base(cfg, schedule)
+    if best in frozen_cfg:
+      return freeze(_base(cfg, schedule))
+    return optax.chain(_base(cfg, schedule), optax.scale(scales[best]))
+
+  def parts(tree):
+    flat = traverse.flatten_dict(dict(tree))
+    label_flat = traverse.flatten_dict(dict(label_fn(tree)))
+    groups = sorted(set(label_flat.values()))
+    return groups, [traverse.unflatten_dict({p: v for p, v in flat.items()
+                                             if label_flat[p] == g}) for g in groups]
+
+  def init(params):
+    groups, subtrees = parts(params)
+    return tuple(transform(g).init(sub) for g, sub in zip(groups, subtrees, strict=True))
+
+  def update(grads, state, params=None, *, frozen=(), **extra):
+    del extra
+    groups, grad_parts = parts(grads)
+    param_parts = parts(params)[1] if params is not None else [None] * len(groups)
+    new_updates, new_state = [], []
+    for g, grad, sub_state, param in zip(groups, grad_parts, state, param_parts, strict=True):
+      if labels.in_groups(g, frozen):
+        new_updates.append(jax.tree_util.tree_map(jax.numpy.zeros_like, grad))
+        new_state.append(sub_state)
+      else:
+        upd, sub_state = transform(g).update(grad, sub_state, param)
+        new_updates.append(upd)
+        new_state.append(sub_state)
+    return labels.merge(*new_updates), tuple(new_state)
+
+  return optax.GradientTransformationExtraArgs(init, update)

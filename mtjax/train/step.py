@@ -33,6 +33,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mtjax import relations
 from mtjax.models import labels
 from mtjax.tasks import loss_and_parts
 from mtjax.train.state import Health, TrainState
@@ -366,7 +367,7 @@ def _joint_terms(model, tasks, params, batch_stats, batch, grad_level, train, tr
 
 
 def balance(terms: TaskTerms, method, weighting_state, key, task_chunk: int = 0,
-            cross: jax.Array | None = None):
+            cross: jax.Array | None = None, *, conflict=None):
   """``(gradient of every parameter, new weighting state, task weights)`` under ``method``.
 
   ``task_chunk > 0`` (a gradient-level ``method`` with ``from_gram``, an encoder model, the
@@ -375,25 +376,42 @@ def balance(terms: TaskTerms, method, weighting_state, key, task_chunk: int = 0,
   ``cross`` (a ``method.double_sampling`` method): the ``(T, T)`` cross Gram matrix of two
   halves of the batch (:func:`cross_gram`) goes to ``method.from_gram``, and the direction is
   ``Σ_t w_t g_t`` of the whole batch (``terms.weighted``).
+  ``conflict`` (a bool, traced or not): also return, as a fourth element,
+  :func:`mtjax.relations.conflict_metrics` of the task gradients at the step's level, from the
+  Gram matrix a chunked step already has, else computed under ``lax.cond`` only where
+  ``conflict`` holds (a loss-level method then pays for the per-task gradients at those steps
+  only; zeros elsewhere).
   """
+  out = _balance(terms, method, weighting_state, key, task_chunk, cross, conflict)
+  return out if conflict is not None else out[:3]
+
+
+def _balance(terms, method, weighting_state, key, task_chunk, cross, conflict):
   if cross is not None:
     weights, weighting_state = method.from_gram(cross, weighting_state, losses=terms.losses,
                                                 key=key)
-    return terms.weighted(weights), weighting_state, weights
+    seen = None if conflict is None else relations.when(
+        conflict, lambda: relations.conflict_from_grads(terms.per_task()[0]))
+    return terms.weighted(weights), weighting_state, weights, seen
   if task_chunk and method.level == "gradient":
     gram, finish = terms.gram_terms(task_chunk)
     weights, weighting_state = method.from_gram(gram, weighting_state, losses=terms.losses,
                                                 key=key)
-    return finish(weights), weighting_state, weights
+    seen = relations.conflict_metrics(gram) if conflict is not None else None
+    return finish(weights), weighting_state, weights, seen
   if method.level == "loss":
     _, weighting_state, weights = method.update(None, weighting_state, losses=terms.losses,
                                                 key=key)
-    return terms.combine(jax.lax.stop_gradient(weights)), weighting_state, weights
+    seen = None if conflict is None else relations.when(
+        conflict, lambda: relations.conflict_from_grads(terms.per_task()[0]))
+    return terms.combine(jax.lax.stop_gradient(weights)), weighting_state, weights, seen
   if method.level == "gradient":
     task_grads, finish = terms.per_task()
     direction, weighting_state, weights = method.update(task_grads, weighting_state,
                                                         losses=terms.losses, key=key)
-    return finish(direction), weighting_state, weights
+    seen = None if conflict is None else relations.when(
+        conflict, relations.conflict_from_grads, task_grads)
+    return finish(direction), weighting_state, weights, seen
   raise ValueError(f"weighting level {method.level!r} needs its own train step "
                    "(see mtjax.train.meta for 'meta')")
 
@@ -504,7 +522,7 @@ def check_health(health: Health, step, losses, grad_ok, params_ok, *, nonfinite:
 
 def apply_gradients(state: TrainState, optimizer, names, grads, weighting_state,
                     terms: TaskTerms, weights, *, nonfinite: str = "stop",
-                    max_consecutive_skips: int = 10):
+                    max_consecutive_skips: int = 10, frozen=None):
   """The optimizer update that ends a train step, and the step's metrics.
 
   The step also checks, on device, that the task losses, the gradient and the updated
@@ -513,10 +531,14 @@ def apply_gradients(state: TrainState, optimizer, names, grads, weighting_state,
   run is unchanged); ``"skip"`` keeps the parameters, batch statistics, optimizer and weighting
   states of such a step bitwise unchanged, while the step counter still advances (the data
   position and the per-step key ``fold_in(root, step)`` stay functions of the step, so a
-  resumed run is exact). As in ``optax.apply_if_finite``, the optimizer's own count, and so its
+  resumed run is exact). ``frozen``: the groups a grouped optimizer
+  (:func:`mtjax.train.optim.make_grouped_optimizer`) skips this step. As in
+  ``optax.apply_if_finite``, the optimizer's own count, and so its
   learning-rate schedule, does not advance on a skipped step.
   """
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  # frozen: label prefixes a grouped optimizer (a strategy's phase) skips; None: a plain one.
+  extra = {} if frozen is None else {"frozen": tuple(frozen)}
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
   params = optax.apply_updates(state.params, updates)
   losses = terms.losses
   metrics = {"loss": jnp.sum(losses), "grad_norm": optax.tree_utils.tree_norm(grads)}

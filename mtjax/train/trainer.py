@@ -22,8 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mtjax import relations
 from mtjax.models import labels
 from mtjax.train import meta as meta_lib
+from mtjax.train import strategies as strategies_lib
 from mtjax.train.state import TrainState, healthy
 from mtjax.train.step import (
   apply_gradients,
@@ -45,11 +47,14 @@ class Trainer(NamedTuple):
   """``init(key) -> TrainState``; jitted ``step`` and ``evaluate`` (see the module docstring)."""
 
   init: Callable
-  step: Callable
+  step: Callable       # (state, batch, meta_batch=None, *, phase=None) -> (state, metrics)
   evaluate: Callable
   grad_level: str
   # Where the state lives: one replicated NamedSharding (fsdp == 1), else a TrainState of them.
   shardings: object = None
+  # 0-based step -> the strategy's Phase of that step (mtjax.train.strategies); the loop
+  # passes it to ``step``, which compiles once per distinct phase.
+  phase: Callable = lambda step: strategies_lib.END_TO_END
 
 
 def gradient_like(model, params, batch_stats, *, grad_level, image_shape, batch_size):
@@ -71,7 +76,9 @@ def gradient_like(model, params, batch_stats, *, grad_level, image_shape, batch_
 def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch_size: int,
                  grad_level: str = "parameter", frozen=(), lookahead_lr=None, mesh=None,
                  donate: bool = True, nonfinite: str = "stop",
-                 max_consecutive_skips: int = 10, task_chunk: int = 0) -> Trainer:
+                 max_consecutive_skips: int = 10, task_chunk: int = 0, conflict_every: int = 0,
+                 last_step: int = 0, affinity_every: int = 0, affinity_lr=None,
+                 phase_at: Callable | None = None) -> Trainer:
   """The state factory and the jitted steps of one experiment.
 
   ``tasks`` maps names to :class:`mtjax.tasks.Task`; ``method`` is a weighting method;
@@ -92,6 +99,17 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
   A method with ``double_sampling`` (MoDo) also gets the per-task gradients of the two halves of
   each batch (:func:`mtjax.train.step.cross_gram`): ``batch_size`` must then be even on every
   device.
+
+  Relations (:mod:`mtjax.relations`), computed on device behind a ``lax.cond`` only at the
+  steps that report them (the step stays one compiled program): ``conflict_every > 0``: the
+  gradient-conflict metrics ``conflict/*`` at the steps ``n`` (counted from 1) with ``n %
+  conflict_every == 0`` or ``n == last_step`` (the loop's logging steps), at the step's
+  gradient level (a loss-level method: ``grad_level``'s per-task gradients, computed at those
+  steps only); ``affinity_every > 0``: TAG's ``affinity`` (T, T) at the steps ``n %
+  affinity_every == 0``, with the lookahead rate ``affinity_lr`` (a float or schedule;
+  default ``lookahead_lr``, the optimizer's schedule). ``phase_at``: the strategy, step ->
+  :class:`mtjax.train.strategies.Phase` (the optimizer must then be
+  :func:`mtjax.train.optim.make_grouped_optimizer`); None: end to end.
   """
   check_grad_level(model, grad_level)
   check_task_chunk(model, method, grad_level, task_chunk)
@@ -137,30 +155,70 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
     state = init_host(key)
     return place(state, shardings if shapes is not None else state_shardings(state, mesh))
 
-  def forward(state, batch):
-    return task_terms(model, tasks, state.params, state.batch_stats, batch,
-                      grad_level=grad_level, frozen=frozen)
+  if affinity_every and affinity_lr is None:
+    affinity_lr = lookahead_lr
+  if affinity_every and affinity_lr is None:
+    raise ValueError("affinity_lr: the affinity lookahead needs a learning rate (a float or "
+                     "the optimizer's schedule)")
 
-  def step(state: TrainState, batches):
-    batch, meta_batch = batches
-    key = jax.random.fold_in(state.key, state.step)
-    if method.level == "meta":  # the meta information and the update: train/meta.py
-      alpha = lookahead_lr(state.step) if callable(lookahead_lr) else lookahead_lr
+  def make_step(phase):
+    step_frozen = frozen + tuple(p for p in phase.frozen if p not in frozen)
+    mask = None if phase.active is None else jnp.asarray(phase.active, jnp.float32)
+
+    def forward(state, batch):
+      terms = task_terms(model, tasks, state.params, state.batch_stats, batch,
+                         grad_level=grad_level, frozen=step_frozen)
+      if mask is not None:  # a task outside the phase contributes no loss
+        terms = terms._replace(combine=lambda w, c=terms.combine: c(w * mask))
+      return terms
+
+    def step(state: TrainState, batches):
+      batch, meta_batch = batches
+      key = jax.random.fold_in(state.key, state.step)
+      done = state.step + 1
+      logs = ((done % conflict_every == 0) | (done == last_step)) if conflict_every else None
+      seen = {}
       terms = forward(state, batch)
-      grads, wstate, weights, meta_metrics = meta_lib.meta_step(
-          model, tasks, method, state, terms, batch, meta_batch, alpha, key, frozen)
-    else:
-      terms = forward(state, batch)
-      cross = (cross_gram(model, tasks, state.params, state.batch_stats, batch,
-                          grad_level=grad_level, frozen=frozen) if double_sampling else None)
-      grads, wstate, weights = balance(terms, method, state.weighting_state, key, task_chunk,
-                                       cross)
-    new_state, metrics = apply_gradients(state, optimizer, names, grads, wstate, terms, weights,
-                                         nonfinite=nonfinite,
-                                         max_consecutive_skips=max_consecutive_skips)
-    if method.level == "meta":
-      metrics.update(meta_metrics)
-    return new_state, metrics
+      if method.level == "meta":  # the meta information and the update: train/meta.py
+        alpha = lookahead_lr(state.step) if callable(lookahead_lr) else lookahead_lr
+        grads, wstate, weights, meta_metrics = meta_lib.meta_step(
+            model, tasks, method, state, terms, batch, meta_batch, alpha, key, step_frozen)
+        if logs is not None:
+          seen = relations.when(
+              logs, lambda: relations.conflict_from_grads(terms.per_task()[0]))
+      else:
+        cross = (cross_gram(model, tasks, state.params, state.batch_stats, batch,
+                            grad_level=grad_level, frozen=step_frozen)
+                 if double_sampling else None)
+        out = balance(terms, method, state.weighting_state, key, task_chunk, cross,
+                      conflict=logs)
+        grads, wstate, weights = out[:3]
+        seen = out[3] if logs is not None else {}
+      if mask is not None:
+        weights = weights * mask
+      new_state, metrics = apply_gradients(
+          state, optimizer, names, grads, wstate, terms, weights, nonfinite=nonfinite,
+          max_consecutive_skips=max_consecutive_skips,
+          frozen=None if phase_at is None else phase.frozen)
+      if method.level == "meta":
+        metrics.update(meta_metrics)
+      metrics.update(seen)
+      if affinity_every:
+        metrics["affinity"] = relations.when(
+            done % affinity_every == 0, lambda: affinity(state, batch))
+      return new_state, metrics
+
+    return step
+
+  def affinity(state, batch):
+    def shared_of(params):
+      own = labels.split(model, params)
+      shared = own.pop(labels.SHARED, {})
+      return shared, own, lambda s, rest: labels.merge(s, *rest.values())
+    lr = affinity_lr(state.step) if callable(affinity_lr) else affinity_lr
+    loss_of_shared = relations.task_loss_fn(model, tasks, state.params, state.batch_stats,
+                                            batch, shared_of)
+    return relations.lookahead_affinity(loss_of_shared, shared_of(state.params)[0], lr)
 
   def evaluate(state: TrainState, batch):
     terms = task_terms(model, tasks, state.params, state.batch_stats, batch, train=False)
@@ -171,14 +229,23 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
 
   replicated = NamedSharding(mesh, PartitionSpec())
   data = batch_sharding(mesh)
-  jitted_step = jax.jit(step, in_shardings=(shardings, data),
-                        out_shardings=(shardings, replicated),
-                        donate_argnums=(0,) if donate else ())
-  jitted_eval = jax.jit(evaluate, in_shardings=(shardings, data), out_shardings=replicated)
+  jitted_steps = {}  # one compiled step per distinct phase
 
-  def train_step(state, batch, meta_batch=None):
+  def jitted_step(phase):
+    if phase not in jitted_steps:
+      jitted_steps[phase] = jax.jit(make_step(phase), in_shardings=(shardings, data),
+                                    out_shardings=(shardings, replicated),
+                                    donate_argnums=(0,) if donate else ())
+    return jitted_steps[phase]
+  jitted_eval = jax.jit(evaluate, in_shardings=(shardings, data), out_shardings=replicated)
+  phase_of = phase_at or (lambda step: strategies_lib.END_TO_END)
+
+  def train_step(state, batch, meta_batch=None, *, phase=None):
     if method.level == "meta" and meta_batch is None:
       raise ValueError("meta_batch: a meta-level method's step needs a meta batch")
-    return jitted_step(state, (batch, meta_batch))
+    if phase is None and phase_at is not None:
+      raise ValueError("phase: a trainer with a strategy needs the step's phase "
+                       "(trainer.phase(step))")
+    return jitted_step(phase or strategies_lib.END_TO_END)(state, (batch, meta_batch))
 
-  return Trainer(init, train_step, jitted_eval, grad_level, shardings)
+  return Trainer(init, train_step, jitted_eval, grad_level, shardings, phase_of)

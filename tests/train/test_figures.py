@@ -1,0 +1,67 @@
+"""What a run shows, rendered on the host: prediction grid, curve panels, heatmaps, TensorBoard."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mtjax.train import figures
+
+NAMES = ("segmentation", "depth", "normals")
+
+
+def test_grid_puts_each_task_target_next_to_its_prediction():
+  n, h, w = 2, 6, 5
+  rng = np.random.default_rng(0)
+  images = rng.uniform(size=(n, h, w, 3)).astype(np.float32)
+  seg = rng.integers(0, 4, size=(n, h, w))
+  depth = rng.uniform(1, 3, size=(n, h, w)).astype(np.float32)
+  normals = rng.normal(size=(n, h, w, 3)).astype(np.float32)
+  targets = {"segmentation": seg, "depth": depth, "normals": normals, "classification": [1, 2]}
+  predictions = {"segmentation": seg, "depth": depth, "normals": -normals,
+                 "classification": np.array([1, 0])}  # not a map: left out
+  grid = figures.grid_image(images, targets, predictions, {"segmentation": 4})
+  assert grid.shape == (n * h, 7 * w, 3) and grid.min() >= 0 and grid.max() <= 1
+  cell = lambda row, col: grid[row * h:(row + 1) * h, col * w:(col + 1) * w]  # noqa: E731
+  np.testing.assert_array_equal(cell(0, 1), cell(0, 2))  # exact segmentation: same colours
+  np.testing.assert_array_equal(cell(1, 3), cell(1, 4))  # exact depth, one colour scale
+  np.testing.assert_allclose(cell(0, 5) + cell(0, 6), 1.0, atol=1e-6)  # n and -n as RGB
+  assert np.all(cell(0, 1)[seg[0] == 0] == 0)  # the background class is black
+
+
+def _log(path, steps=4):
+  rng = np.random.default_rng(1)
+  records = []
+  for s in range(1, steps + 1):
+    m = rng.uniform(-1, 1, (3, 3))
+    records.append({"step": s, "split": "train", "loss": 1.0, "loss/depth": 1.0 / s,
+                    "weight/depth": 1.0, "conflict/cosine": ((m + m.T) / 2).tolist(),
+                    "conflict/fraction": 0.5, "relations/cross_stitch/stage2": m.tolist(),
+                    "relations/gate/depth": [0.5, 0.5]})
+    if s % 2 == 0:
+      records.append({"step": s, "split": "validation", "validation/depth/abs_err": 1.0 / s,
+                      "validation/segmentation/miou": 0.1 * s})
+  records.append({"step": 3, "split": "affinity", "affinity": np.eye(3).tolist()})
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return records
+
+
+def test_curves_heatmaps_and_tensorboard_from_a_log(tmp_path):
+  records = _log(tmp_path / "metrics.jsonl")
+  figures.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"))
+  assert (tmp_path / "curves.png").stat().st_size > 0
+  # Every square matrix, the relations of the sharing architectures too; not the gate vector.
+  assert figures.matrix_keys(records) == ["affinity", "conflict/cosine",
+                                          "relations/cross_stitch/stage2"]
+  assert figures.relation_heatmaps(str(tmp_path / "metrics.jsonl"),
+                                   str(tmp_path / "relations.png"), NAMES)
+  (tmp_path / "empty.jsonl").write_text(json.dumps({"step": 1, "split": "train"}) + "\n")
+  assert not figures.relation_heatmaps(str(tmp_path / "empty.jsonl"),
+                                       str(tmp_path / "none.png"), NAMES)
+  assert not (tmp_path / "none.png").exists()
+  pytest.importorskip("tensorboardX")  # the optional extra (in the test extra, so CI has it)
+  board = figures.TensorBoard(str(tmp_path / "tb"), NAMES)
+  board.scalars(records[0], 1)
+  board.image("predictions", np.zeros((4, 4, 3)), 1)
+  board.close()
+  assert figures.events_in(str(tmp_path / "tb"))
