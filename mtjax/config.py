@@ -6,7 +6,7 @@ got and what is allowed.
 
 import ml_collections
 
-from mtjax import data, tasks, weighting
+from mtjax import data, models, tasks, weighting
 from mtjax.errors import UserError
 
 # Fields that change what is logged or saved, not the training trajectory: a workdir's
@@ -30,6 +30,27 @@ def weighting_config(name: str = "ew") -> ml_collections.ConfigDict:
     # typed, so that `--config.weighting.weights='(1., 2., 1.)'` can set it.
     fields[key] = ml_collections.FieldReference(None, field_type=tuple) if value is None else value
   return ml_collections.ConfigDict(fields)
+
+
+def model_config(architecture: str = "hard", **fields) -> ml_collections.ConfigDict:
+  """``{"architecture": ..., <common fields>, <each hyperparameter>: <its default>}``.
+
+  ``fields``: the common ``config.model`` fields (backbone, width, output_stride, stem,
+  head_hidden, dtype). The architecture's hyperparameters come from its builder's defaults
+  (:func:`mtjax.models.hparams`, one source of truth). Raises :class:`UserError` naming
+  ``config.model.architecture`` for an unknown architecture.
+  """
+  try:
+    extra = models.hparams(architecture)
+  except ValueError as e:
+    raise UserError(f"config.{e}") from None
+  return ml_collections.ConfigDict({"architecture": architecture, **fields, **extra})
+
+
+def model_kwargs(cfg) -> dict:
+  """The keyword arguments of :func:`mtjax.models.build` in ``config.model`` (all but the
+  backbone's name); a config without ``architecture`` is ``"hard"``."""
+  return {k: v for k, v in cfg.model.items() if k != "backbone"}
 
 
 def weighting_kwargs(cfg) -> dict:

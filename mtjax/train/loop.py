@@ -55,9 +55,7 @@ def build(cfg) -> Experiment:
   info = data.dataset_info(cfg.dataset.name)
   tasks = {name: tasks_lib.get(name, **info["tasks"][name]) for name in cfg.tasks}
   with _building():
-    model = models.build(cfg.model.backbone, tasks, width=cfg.model.width,
-                         output_stride=cfg.model.output_stride, stem=cfg.model.stem,
-                         head_hidden=cfg.model.head_hidden, dtype=cfg.model.dtype)
+    model = models.build(cfg.model.backbone, tasks, **config_lib.model_kwargs(cfg))
   with _building("weighting.name"):
     weighting.hparams(cfg.weighting.name)
   with _building("weighting"):
@@ -298,7 +296,8 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
         evals = cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.num_steps
         saves = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == last
         if logs:
-          record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          record = {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+                    for k, v in jax.device_get(step_metrics).items()}
           now = time.perf_counter()
           record.update(step=done, split="train", learning_rate=float(exp.schedule(step)),
                         steps_per_sec=(done - tick_step) / (now - tick))

@@ -23,6 +23,7 @@ from mtjax.models import labels
 from mtjax.train import meta as meta_lib
 from mtjax.train.state import TrainState, healthy
 from mtjax.train.step import (
+    MODEL_KEY_TAG,
     apply_gradients,
     balance,
     check_grad_level,
@@ -110,20 +111,21 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
     # step donates the state, which fails on a buffer passed twice.
     return jax.tree_util.tree_map(jnp.copy, state)
 
-  def forward(state, batch):
+  def forward(state, batch, key):
     return task_terms(model, tasks, state.params, state.batch_stats, batch,
-                      grad_level=grad_level, frozen=frozen)
+                      grad_level=grad_level, frozen=frozen,
+                      key=jax.random.fold_in(key, MODEL_KEY_TAG))
 
   def step(state: TrainState, batches):
     batch, meta_batch = batches
     key = jax.random.fold_in(state.key, state.step)
     if method.level == "meta":  # the meta information and the update: train/meta.py
       alpha = lookahead_lr(state.step) if callable(lookahead_lr) else lookahead_lr
-      terms = forward(state, batch)
+      terms = forward(state, batch, key)
       grads, wstate, weights, meta_metrics = meta_lib.meta_step(
           model, tasks, method, state, terms, batch, meta_batch, alpha, key, frozen)
     else:
-      terms = forward(state, batch)
+      terms = forward(state, batch, key)
       grads, wstate, weights = balance(terms, method, state.weighting_state, key, task_chunk)
     new_state, metrics = apply_gradients(state, optimizer, names, grads, wstate, terms, weights,
                                          nonfinite=nonfinite,
