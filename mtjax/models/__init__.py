@@ -26,6 +26,8 @@ ARCHITECTURES = {
     "partial": sharing.build_partial,
     "cross_stitch": sharing.build_cross_stitch,
     "mtan": sharing.build_mtan,
+    "pad_net": sharing.build_pad_net,
+    "ltb": sharing.build_ltb,
 }
 
 

@@ -18,11 +18,12 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mtjax.models import backbones
 from mtjax.models.labels import SHARED
-from mtjax.models.multitask import backbone_and_heads
+from mtjax.models.multitask import DeepSupervision, backbone_and_heads
 
 _HEAD_PREFIX = "heads_"
 
@@ -383,3 +384,206 @@ def build_mtan(backbone: str, tasks: Mapping, *, width: int = 64, output_stride:
   trunk, heads, _ = backbone_and_heads(backbone, tasks, width=width, output_stride=output_stride,
                                        stem=stem, head_hidden=head_hidden, dtype=dtype)
   return MTAN(trunk, heads)
+
+
+# ---------------------------------------------------------------------------------------------
+# pad_net: intermediate predictions, then multi-modal distillation between tasks
+
+
+class _ConvBN(nn.Module):
+  """conv3×3 (no bias) + BN + ReLU, ``channels`` outputs: ``9 · C_in · C + 2C`` parameters."""
+
+  channels: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv, norm = backbones._conv_and_norm(self.dtype, train)
+    return nn.relu(norm()(conv(self.channels, (3, 3), padding=1)(x)))
+
+
+class PADNet(nn.Module):
+  """PAD-Net (Xu, Ouyang, Wang & Sebe, CVPR 2018): the attention-guided distillation, Eq. (3)–(4).
+
+  A shared backbone; per task ``t`` an intermediate feature ``F_t = conv-BN-ReLU(p_N)`` and an
+  intermediate prediction ``head'_t(F_t)`` (deep supervision); then for each task ``k`` the
+  multi-modal distillation ``F°_k = F_k + Σ_{l≠k} G_k ⊙ (W_{l→k} ∗ F_l)`` with the attention
+  map ``G_k = σ(W_g^k ∗ F_k)`` (3×3 convolutions), and the final head ``head_k(F°_k)``.
+  Losses: task ``k``'s loss is ``L_k(final) + intermediate_weight · L_k(intermediate)``, the
+  second term logged as ``loss/<k>/intermediate`` (:class:`DeepSupervision`; the paper sums
+  the intermediate and final losses, weight 1). Deviations: one scale (the last stage) and
+  the intermediate tasks are the tasks themselves (the paper also predicts auxiliary ones,
+  e.g. contours); the intermediate features ``F_t`` are computed by the shared encoder, since
+  every task's decoder reads every ``F_t``: their parameters are labelled
+  ``"shared/pad_net/<t>"``.
+
+  Features (representation level): ``{t: F_t}``, the intermediate features of every task.
+  Relations: ``"pad_net/<k>/gate"``, the mean of ``G_k``, and ``"pad_net/<k>/<l>"``, the mean
+  absolute message from ``l`` to ``k`` relative to the mean absolute ``F_k``.
+  Parameters: ``P_backbone + T (9 C_N² + 2 C_N) + Σ_k [P'_head_k + P_head_k + (9 C_N² + C_N)
+  + (T - 1) 9 C_N²]`` (``P'_head_k = P_head_k``: the intermediate head is the task's head type).
+  """
+
+  backbone: nn.Module
+  heads: Mapping[str, nn.Module]
+  intermediate_heads: Mapping[str, nn.Module]
+  intermediate_weight: float
+
+  def setup(self):
+    channels = stage_channels(trunk_spec(self.backbone))[-1]
+    dtype = self.backbone.dtype
+    self.intermediate = {t: _ConvBN(channels, dtype) for t in self.heads}
+    self.gates = {t: nn.Conv(channels, (3, 3), padding=1, dtype=dtype) for t in self.heads}
+    self.messages = {f"{src}_to_{k}": nn.Conv(channels, (3, 3), padding=1, use_bias=False,
+                                            dtype=dtype)
+                     for k in self.heads for src in self.heads if src != k}
+
+  def encode(self, images, train: bool = False):
+    last = backbones.last_stage(self.backbone(images, train))
+    return {t: self.intermediate[t](last, train) for t in self.heads}
+
+  def decode(self, features, task: str, output_size, train: bool = False):
+    own = features[task]
+    intermediate = self.intermediate_heads[task](own, tuple(output_size), train)
+    gate = nn.sigmoid(self.gates[task](own))
+    self.sow("relations", f"pad_net/{task}/gate", jnp.mean(gate.astype(jnp.float32)))
+    scale = jnp.mean(jnp.abs(own.astype(jnp.float32))) + 1e-12
+    distilled = own
+    for source in self.heads:
+      if source != task:
+        message = gate * self.messages[f"{source}_to_{task}"](features[source])
+        self.sow("relations", f"pad_net/{task}/{source}",
+                 jnp.mean(jnp.abs(message.astype(jnp.float32))) / scale)
+        distilled = distilled + message
+    output = self.heads[task](distilled, tuple(output_size), train)
+    return DeepSupervision(output, (intermediate,), self.intermediate_weight)
+
+  def __call__(self, images, train: bool = False):
+    features = self.encode(images, train)
+    return {"features": features,
+            **{t: self.decode(features, t, images.shape[1:3], train) for t in self.heads}}
+
+  def param_label(self, path) -> str:
+    """``"shared/stem"``, ``"shared/stage<i>"``, ``"shared/pad_net/<t>"`` (encoder);
+    ``"<k>/distillation"`` (its gate and incoming messages), ``"<k>/intermediate"``,
+    ``"<k>"`` (final head)."""
+    name = path[0]
+    if name == "backbone":
+      return f"{SHARED}/{self.backbone.param_group(path[1:])}"
+    for k in self.heads:
+      if name == f"intermediate_{k}":
+        return f"{SHARED}/pad_net/{k}"
+      if name == f"gates_{k}" or any(name == f"messages_{src}_to_{k}" for src in self.heads):
+        return f"{k}/distillation"
+      if name == f"intermediate_heads_{k}":
+        return f"{k}/intermediate"
+    return _head_label(self.heads, name) or _not_mine(path, "PAD-Net")
+
+
+def build_pad_net(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int = 32,
+                  stem: str = "imagenet", head_hidden: int = 64, dtype: str = "float32",
+                  intermediate_weight: float = 1.0) -> PADNet:
+  """``pad_net``: ``intermediate_weight`` (default 1.0, the paper's plain sum): the weight of
+  the intermediate predictions' losses in each task's loss."""
+  trunk, heads, compute_dtype = backbone_and_heads(
+      backbone, tasks, width=width, output_stride=output_stride, stem=stem,
+      head_hidden=head_hidden, dtype=dtype)
+  if not isinstance(intermediate_weight, (int, float)) or intermediate_weight < 0:
+    raise ValueError(f"model.intermediate_weight: got {intermediate_weight!r}; expected a "
+                     "float >= 0")
+  intermediate_heads = {name: task.head(hidden=head_hidden, dtype=compute_dtype)
+                        for name, task in tasks.items()}
+  return PADNet(trunk, heads, intermediate_heads, float(intermediate_weight))
+
+
+# ---------------------------------------------------------------------------------------------
+# ltb: learning to branch
+
+
+def gumbel_softmax_st(key, logits, temperature: float):
+  """A straight-through Gumbel-softmax sample over the last axis (Jang et al., 2017, Eq. 1;
+  Guo et al., 2020, Eq. 5): one-hot forward, the gradient of the soft sample backward."""
+  gumbel = jax.random.gumbel(key, logits.shape, logits.dtype)
+  soft = jax.nn.softmax((logits + gumbel) / temperature, axis=-1)
+  hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), logits.shape[-1], dtype=soft.dtype)
+  return hard + soft - jax.lax.stop_gradient(soft)
+
+
+class LearnToBranch(nn.Module):
+  """Learning to Branch (Guo, Lee & Ulbricht, ICML 2020), Eqs. (3)–(5), as LibMTL's ``LTB``.
+
+  A super-graph of ``T`` nodes per layer: layer 0 is ``T`` stems on the image, layer ``i`` is
+  ``T`` copies of stage ``i``. Node ``t`` of layer ``i`` reads ``Σ_s z^i_{ts} x^{i-1}_s`` where
+  ``z^i_t`` is a straight-through Gumbel-softmax sample of its learned parent logits
+  ``θ^i_t`` (:func:`gumbel_softmax_st`, temperature ``temperature``): in training, one parent
+  per node per step, the tree learned by the gradient through the soft sample; in evaluation
+  the most likely parent (``argmax θ``): the learned tree. Task ``t``'s head reads node ``t`` of
+  the last layer. The noise comes from the ``"gumbel"`` PRNG stream: the train step passes
+  ``fold_in(per-step key, MODEL_KEY_TAG)``; a training pass without that stream (the inner
+  passes of meta-level methods) uses the noise-free ``softmax(θ / temperature)``.
+  Deviations: constant temperature and no warm-up (LibMTL: all parents summed for the first
+  1% of epochs, τ decaying with the epoch; the paper anneals τ too) and no retraining of the
+  derived tree: its weights are the super-graph's. Logits start at 0 (every parent equally
+  likely).
+
+  No shared encoder: every node can feed every task, so nodes and logits are labelled
+  ``"shared"`` (the general path); the representation level is refused.
+  Relations: ``"ltb/stage<i>"``, the ``(T, T)`` branching probabilities ``softmax(θ^i)``
+  (row ``t``: node ``t``'s parent distribution).
+  Parameters: ``T · P_backbone + N · T² + Σ_t P_head_t``.
+  """
+
+  spec: TrunkSpec
+  heads: Mapping[str, nn.Module]
+  temperature: float
+
+  def setup(self):
+    stages = _stage_names(self.spec)
+    self.nodes = {f"{t}_{s}": Stage(self.spec, i) for t in self.heads
+                  for i, s in enumerate(stages, 1)} | {f"{t}_stem": Stem(self.spec)
+                                                       for t in self.heads}
+    num_tasks = len(self.heads)
+    self.branching = [self.param(f"branch_stage{i}", nn.initializers.zeros,
+                                 (num_tasks, num_tasks)) for i in range(1, len(stages) + 1)]
+
+  def _choice(self, logits, train: bool):
+    if not train:
+      return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1])
+    if self.has_rng("gumbel"):
+      return gumbel_softmax_st(self.make_rng("gumbel"), logits, self.temperature)
+    return jax.nn.softmax(logits / self.temperature, axis=-1)
+
+  def __call__(self, images, train: bool = False):
+    tasks = tuple(self.heads)
+    xs = [self.nodes[f"{t}_stem"](images, train) for t in tasks]
+    for i in range(1, len(self.spec.plan) + 1):
+      logits = self.branching[i - 1]
+      self.sow("relations", f"ltb/stage{i}", jax.nn.softmax(logits, axis=-1))
+      xs = _mix(self._choice(logits, train), xs)
+      xs = [self.nodes[f"{t}_stage{i}"](x, train) for t, x in zip(tasks, xs, strict=True)]
+    features = dict(zip(tasks, xs, strict=True))
+    return {"features": features,
+            **{t: self.heads[t](features[t], images.shape[1:3], train) for t in tasks}}
+
+  def param_label(self, path) -> str:
+    """``"shared/<t>/stem"``, ``"shared/<t>/stage<i>"`` (node ``t``), ``"shared/branching"``
+    (the logits), ``"<task>"`` (head)."""
+    name = path[0]
+    if name.startswith("branch_stage"):
+      return f"{SHARED}/branching"
+    for task in self.heads:
+      for part in ["stem", *_stage_names(self.spec)]:
+        if name == f"nodes_{task}_{part}":
+          return f"{SHARED}/{task}/{part}"
+    return _head_label(self.heads, name) or _not_mine(path, "learning-to-branch")
+
+
+def build_ltb(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int = 32,
+              stem: str = "imagenet", head_hidden: int = 64, dtype: str = "float32",
+              temperature: float = 1.0) -> LearnToBranch:
+  """``ltb``: ``temperature`` (default 1.0, the Gumbel-softmax's τ; constant, see the class)."""
+  trunk, heads, _ = backbone_and_heads(backbone, tasks, width=width, output_stride=output_stride,
+                                       stem=stem, head_hidden=head_hidden, dtype=dtype)
+  if not isinstance(temperature, (int, float)) or not temperature > 0:
+    raise ValueError(f"model.temperature: got {temperature!r}; expected a float > 0")
+  return LearnToBranch(trunk_spec(trunk), heads, float(temperature))

@@ -209,6 +209,13 @@ def _flat(results, prefix):
   return {f"{prefix}/{t}/{m}": v for t, values in results.items() for m, v in values.items()}
 
 
+def log_record(step_metrics) -> dict:
+  """A step's metrics as JSON values: scalars as floats, arrays (``relations/<name>``) as
+  nested lists."""
+  return {k: float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64).tolist()
+          for k, v in jax.device_get(step_metrics).items()}
+
+
 def _rewind_log(path: str, step: int) -> None:
   """Drops log lines written after ``step`` (by a run stopped before its next checkpoint), and a
   last line cut short by a kill."""
@@ -296,8 +303,7 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
         evals = cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.num_steps
         saves = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == last
         if logs:
-          record = {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
-                    for k, v in jax.device_get(step_metrics).items()}
+          record = log_record(step_metrics)
           now = time.perf_counter()
           record.update(step=done, split="train", learning_rate=float(exp.schedule(step)),
                         steps_per_sec=(done - tick_step) / (now - tick))
