@@ -44,6 +44,9 @@ def model_config(architecture: str = "hard", **fields) -> ml_collections.ConfigD
     extra = models.hparams(architecture)
   except ValueError as e:
     raise UserError(f"config.{e}") from None
+  for key, value in extra.items():  # a None default stands for an optional tuple, as above
+    if value is None:
+      extra[key] = ml_collections.FieldReference(None, field_type=tuple)
   return ml_collections.ConfigDict({"architecture": architecture, **fields, **extra})
 
 
