@@ -286,7 +286,8 @@ def build_cross_stitch(backbone: str, tasks: Mapping, *, width: int = 64,
 
 class _Attention(nn.Module):
   """``a = σ(BN(conv1×1(ReLU(BN(conv1×1(x))))))`` with ``channels`` outputs (MTAN's ``g``,
-  ``h``; LibMTL's ``_att_layer``); parameters ``in·C + C + 2C + C² + C + 2C``."""
+  ``h``; LibMTL's ``_att_layer``, without its convolutions' biases: a bias before BatchNorm
+  has a zero gradient, which Adam would turn into noise); parameters ``in·C + 2C + C² + 2C``."""
 
   channels: int
   dtype: jnp.dtype
@@ -295,8 +296,9 @@ class _Attention(nn.Module):
   def __call__(self, x, train: bool):
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                              dtype=self.dtype)
-    x = nn.relu(norm()(nn.Conv(self.channels, (1, 1), dtype=self.dtype)(x)))
-    return nn.sigmoid(norm()(nn.Conv(self.channels, (1, 1), dtype=self.dtype)(x)))
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    x = nn.relu(norm()(conv(self.channels, (1, 1))(x)))
+    return nn.sigmoid(norm()(conv(self.channels, (1, 1))(x)))
 
 
 class _Transfer(nn.Module):
@@ -328,7 +330,7 @@ class MTAN(nn.Module):
   Features (representation level): ``{"stage1": p_1, ..., "stageN": p_N}``, every stage of
   the shared backbone (what the attention modules read).
   Relations: ``"mtan/<task>/stage<i>"``, the batch-mean of ``a_i``.
-  Parameters: ``P_backbone + T · [Σ_i (in_i C_i + C_i² + 6 C_i) + Σ_{i<N} (9 C_i C_{i+1} +
+  Parameters: ``P_backbone + T · [Σ_i (in_i C_i + C_i² + 4 C_i) + Σ_{i<N} (9 C_i C_{i+1} +
   2 C_{i+1})] + Σ_t P_head_t``, with ``in_1 = C_1`` and ``in_i = 2 C_i`` for ``i > 1``.
   """
 

@@ -80,7 +80,7 @@ def _formula(arch):
   if arch == "ltb":
     return t * backbone + n * t * t + head_sum
   if arch == "mtan":
-    att = sum((c[0] if i == 0 else 2 * c[i]) * c[i] + c[i] ** 2 + 6 * c[i] for i in range(n))
+    att = sum((c[0] if i == 0 else 2 * c[i]) * c[i] + c[i] ** 2 + 4 * c[i] for i in range(n))
     transfer = sum(9 * c[i] * c[i + 1] + 2 * c[i + 1] for i in range(n - 1))
     return backbone + t * (att + transfer) + head_sum
   if arch == "pad_net":
