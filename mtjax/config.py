@@ -6,7 +6,7 @@ got and what is allowed.
 
 import ml_collections
 
-from mtjax import data, tasks, weighting
+from mtjax import data, models, tasks, weighting
 from mtjax.errors import UserError
 
 # Fields that change what is logged or saved, or where it runs (``mesh``: the same trajectory to
@@ -33,6 +33,31 @@ def weighting_config(name: str = "ew") -> ml_collections.ConfigDict:
     # typed, so that `--config.weighting.weights='(1., 2., 1.)'` can set it.
     fields[key] = ml_collections.FieldReference(None, field_type=tuple) if value is None else value
   return ml_collections.ConfigDict(fields)
+
+
+def model_config(architecture: str = "hard", **fields) -> ml_collections.ConfigDict:
+  """``{"architecture": ..., <common fields>, <each hyperparameter>: <its default>}``.
+
+  ``fields``: the common ``config.model`` fields (backbone, width, output_stride, stem,
+  head_hidden, dtype). The architecture's hyperparameters come from its builder's defaults
+  (:func:`mtjax.models.hparams`, one source of truth). Raises :class:`UserError` naming
+  ``config.model.architecture`` for an unknown architecture.
+  """
+  try:
+    extra = models.hparams(architecture)
+  except ValueError as e:
+    raise UserError(f"config.{e}") from None
+  for key, value in extra.items():  # a None default stands for an optional tuple, as above
+    if value is None:
+      extra[key] = ml_collections.FieldReference(None, field_type=tuple)
+  return ml_collections.ConfigDict({"architecture": architecture, **fields, **extra})
+
+
+def model_kwargs(cfg) -> dict:
+  """The keyword arguments of :func:`mtjax.models.build` in ``config.model`` (all but the
+  backbone's name and ``pretrained``, which the loop loads); a config without ``architecture``
+  is ``"hard"``."""
+  return {k: v for k, v in cfg.model.items() if k not in ("backbone", "pretrained")}
 
 
 def weighting_kwargs(cfg) -> dict:

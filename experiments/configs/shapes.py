@@ -20,9 +20,11 @@ def get_config(arg=None):
       "name": "shapes", "image_size": (64, 64), "data_dir": "",
       "split_sizes": {"train": 4000, "validation": 500, "test": 500}})
   config.tasks = ("segmentation", "depth", "normals")
+  # architecture: one of mtjax.models.names() ("hard": one backbone, one head per task); its
+  # hyperparameters are further config.model fields (mtjax.config.model_config adds them).
   config.model = ml_collections.ConfigDict({
-      "backbone": "resnet_tiny", "width": 16, "output_stride": 4, "stem": "small",
-      "head_hidden": 64, "dtype": "float32"})
+      "architecture": "hard", "backbone": "resnet_tiny", "width": 16, "output_stride": 4,
+      "stem": "small", "head_hidden": 64, "dtype": "float32"})
   config.weighting = weighting_config(arg or "ew")
   config.grad_level = "parameter"  # or "representation": where gradient methods act
   # > 0: at the parameter level, the Gram matrix of a Gram-matrix method (mgda, imtl, ...) is

@@ -1,6 +1,72 @@
-"""Models: ResNet backbones, task heads and their multi-task composition."""
+"""Models: ResNet backbones, task heads and their multi-task composition (the architectures).
 
-from mtjax.models import labels
-from mtjax.models.multitask import MultiTaskModel, build
+``ARCHITECTURES`` is the registry, a plain dict ``name -> builder``. A builder is
 
-__all__ = ["MultiTaskModel", "build", "labels"]
+    build_x(backbone: str, tasks: Mapping[str, Task], *, width, output_stride, stem,
+            head_hidden, dtype, <hyperparameter>=<default>, ...) -> nn.Module
+
+the common fields of ``config.model`` (:data:`COMMON`) plus the architecture's own
+hyperparameters as keyword arguments *with defaults* (the one source of truth: they become
+``config.model`` fields, see :func:`mtjax.config.model_config`). It checks its values and raises
+``ValueError("model.<field>: ...")``; the module it returns follows the multi-task model contract
+(:mod:`mtjax.models.multitask`).
+"""
+
+import inspect
+
+from mtjax.models import labels, sharing
+from mtjax.models.multitask import DeepSupervision, MultiTaskModel
+from mtjax.models.multitask import build as build_hard
+
+# The config.model fields every builder takes (besides the backbone's name and the tasks).
+COMMON = ("width", "output_stride", "stem", "head_hidden", "dtype")
+
+ARCHITECTURES = {
+    "hard": build_hard,
+    "partial": sharing.build_partial,
+    "cross_stitch": sharing.build_cross_stitch,
+    "mtan": sharing.build_mtan,
+    "pad_net": sharing.build_pad_net,
+    "ltb": sharing.build_ltb,
+}
+
+
+def names() -> list[str]:
+  """The architecture names."""
+  return sorted(ARCHITECTURES)
+
+
+def _builder(architecture: str):
+  if architecture not in ARCHITECTURES:
+    raise ValueError(f"model.architecture: got {architecture!r}; expected one of {names()}")
+  return ARCHITECTURES[architecture]
+
+
+def hparams(architecture: str) -> dict:
+  """``{name: default}``: the hyperparameters of ``architecture`` (its builder's keywords that
+  are not :data:`COMMON`)."""
+  params = inspect.signature(_builder(architecture)).parameters.values()
+  return {p.name: p.default for p in params
+          if p.kind == p.KEYWORD_ONLY and p.name not in COMMON}
+
+
+def build(backbone: str, tasks, *, architecture: str = "hard", width: int = 64,
+          output_stride: int = 32, stem: str = "imagenet", head_hidden: int = 64,
+          dtype: str = "float32", **kwargs):
+  """The multi-task model ``architecture`` (default ``"hard"``) over backbone ``backbone``.
+
+  ``kwargs``: the architecture's hyperparameters (:func:`hparams`); an unknown one raises
+  ``ValueError("model.<name>: ...")``.
+  """
+  builder = _builder(architecture)
+  allowed = hparams(architecture)
+  for name in sorted(kwargs):
+    if name not in allowed:
+      raise ValueError(f"model.{name}: not a hyperparameter of architecture {architecture!r}; "
+                       f"its hyperparameters: {sorted(allowed) or 'none'}")
+  return builder(backbone, tasks, width=width, output_stride=output_stride, stem=stem,
+                 head_hidden=head_hidden, dtype=dtype, **kwargs)
+
+
+__all__ = ["ARCHITECTURES", "COMMON", "DeepSupervision", "MultiTaskModel", "build", "hparams",
+           "labels", "names"]

@@ -16,6 +16,7 @@ The multi-task model contract (every architecture follows it):
 """
 
 from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -23,7 +24,20 @@ import jax.numpy as jnp
 from mtjax.models import backbones
 from mtjax.models.labels import SHARED
 
-_HEAD_PREFIX = "heads_"  # Linen's name for the entries of the ``heads`` dict attribute
+_HEAD_PREFIX = "heads_"
+
+
+class DeepSupervision(NamedTuple):
+  """A decoded output with intermediate outputs that are supervised too (e.g. PAD-Net).
+
+  The train step's loss of the task is ``L(output) + weight · Σ_i L(intermediate[i])``, with
+  the second term logged as the loss part ``"intermediate"``; metrics and predictions see
+  ``output`` (:func:`mtjax.train.step.output_loss`).
+  """
+
+  output: Any
+  intermediate: tuple
+  weight: float = 1.0  # Linen's name for the entries of the ``heads`` dict attribute
 
 
 class MultiTaskModel(nn.Module):
@@ -75,10 +89,12 @@ def _stages_of(head) -> int:
   return int(getattr(head, "feature_stages", 1))
 
 
-def build(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int = 32,
-          stem: str = "imagenet", head_hidden: int = 64, dtype: str = "float32",
-          frozen_bn: bool = False) -> MultiTaskModel:
-  """A hard-sharing model: backbone ``backbone`` and each task's own head (``task.head``)."""
+def backbone_and_heads(backbone: str, tasks: Mapping, *, width: int, output_stride: int,
+                       stem: str, head_hidden: int, dtype: str, frozen_bn: bool = False):
+  """``(trunk, heads, compute dtype)``: the checked backbone and each task's own head.
+
+  What every architecture's builder starts from (the common ``config.model`` fields).
+  """
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype: expected 'float32' or 'bfloat16', got {dtype!r}")
   compute_dtype = jnp.dtype(dtype)
@@ -86,4 +102,19 @@ def build(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int 
                         dtype=compute_dtype, frozen_bn=frozen_bn)
   heads = {name: task.head(hidden=head_hidden, dtype=compute_dtype)
            for name, task in tasks.items()}
+  return trunk, heads, compute_dtype
+
+
+def build(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int = 32,
+          stem: str = "imagenet", head_hidden: int = 64, dtype: str = "float32",
+          frozen_bn: bool = False) -> MultiTaskModel:
+  """A hard-sharing model: backbone ``backbone`` and each task's own head (``task.head``).
+
+  ``frozen_bn``: the backbone's BatchNorm uses its running statistics in training too, and its
+  parameters are the ``shared/bn`` group (frozen by the loop; a pretrained backbone).
+  Parameters: ``P_backbone + Σ_t P_head_t``.
+  """
+  trunk, heads, _ = backbone_and_heads(backbone, tasks, width=width, output_stride=output_stride,
+                                       stem=stem, head_hidden=head_hidden, dtype=dtype,
+                                       frozen_bn=frozen_bn)
   return MultiTaskModel(trunk, heads)

@@ -58,10 +58,7 @@ def build(cfg) -> Experiment:
   info = data.dataset_info(cfg.dataset.name)
   tasks = {name: tasks_lib.get(name, **info["tasks"][name]) for name in cfg.tasks}
   with _building():
-    model = models.build(cfg.model.backbone, tasks, width=cfg.model.width,
-                         output_stride=cfg.model.output_stride, stem=cfg.model.stem,
-                         head_hidden=cfg.model.head_hidden, dtype=cfg.model.dtype,
-                         frozen_bn=bool(cfg.model.get("frozen_bn", False)))
+    model = models.build(cfg.model.backbone, tasks, **config_lib.model_kwargs(cfg))
   if cfg.model.get("pretrained", ""):
     with _building():
       pretrained.check_path(cfg.model.pretrained)
@@ -293,15 +290,15 @@ def make_mesh(cfg):
     return step_lib.make_mesh(shape=shape.to_dict() if hasattr(shape, "to_dict") else shape)
 
 
-def _record(step_metrics) -> dict:
-  """A log record of fetched metrics: scalars as floats, arrays (``conflict/cosine``,
-  ``affinity``, ``relations/*``) as nested lists."""
-  return {k: float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64).tolist()
-          for k, v in step_metrics.items()}
-
-
 def _flat(results, prefix):
   return {f"{prefix}/{t}/{m}": v for t, values in results.items() for m, v in values.items()}
+
+
+def log_record(step_metrics) -> dict:
+  """A step's metrics as JSON values: scalars as floats, arrays (``conflict/cosine``,
+  ``affinity``, ``relations/<name>``) as nested lists."""
+  return {k: float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64).tolist()
+          for k, v in jax.device_get(step_metrics).items()}
 
 
 def _rewind_log(path: str, step: int) -> None:
@@ -415,7 +412,7 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
         saves = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == last
         affinity = affinity_every and done % affinity_every == 0
         if logs:
-          record = _record(jax.device_get(step_metrics))
+          record = log_record(step_metrics)
           if not affinity:
             record.pop("affinity", None)
           now = time.perf_counter()

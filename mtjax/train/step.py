@@ -31,15 +31,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mtjax import relations
+from mtjax import relations as relations_lib
 from mtjax.models import labels
+from mtjax.models.multitask import DeepSupervision
 from mtjax.tasks import loss_and_parts
 from mtjax.train.state import Health, TrainState
 from mtjax.weighting.base import weighted_sum
 
 GRAD_LEVELS = ("parameter", "representation")
+RELATIONS = "relations"  # the collection models sow task-relation quantities into
+# The model's per-step key is fold_in(per-step key, MODEL_KEY_TAG): a stream of its own, so the
+# weighting method's key (the per-step key itself) is unchanged by a model that draws noise.
+MODEL_KEY_TAG = 0x6D6F6465
 
 
 MESH_AXES = ("data", "fsdp")
@@ -225,6 +231,44 @@ class TaskTerms(NamedTuple):
   # weights (T,) -> every parameter's gradient: the shared part Σ_t w_t g_t without stacking the
   # task gradients (one more backward pass), each task's own part ∇ L_t (as per_task's finish).
   weighted: Callable | None = None
+  # {name: float32 array}: what the model sowed into "relations" in this pass (the last value
+  # of each name); {} for a model that sows nothing.
+  relations: dict | None = None
+
+
+def sown_relations(*updates) -> dict:
+  """``{name: float32 array}`` from the ``"relations"`` collections of ``model.apply`` updates.
+
+  A name is the sow name, prefixed by the submodule path when sown inside a submodule
+  (``"/"``-joined); of several values sown under one name, the last counts.
+  """
+  out = {}
+  for update in updates:
+    for path, values in traverse_util.flatten_dict(dict(update.get(RELATIONS, {}))).items():
+      value = values[-1] if isinstance(values, tuple) else values
+      out["/".join(path)] = jax.lax.stop_gradient(jnp.asarray(value, jnp.float32))
+  return out
+
+
+def _rngs(key):
+  """The ``rngs`` of ``model.apply``: a ``"gumbel"`` stream for models that draw noise."""
+  return None if key is None else {"gumbel": key}
+
+
+def output_loss(task, out, batch):
+  """``(loss, parts, output)`` of one task's decoded ``out``.
+
+  ``out`` is the task's output, or a :class:`mtjax.models.DeepSupervision` (a final output
+  plus intermediate outputs, e.g. PAD-Net's): then the loss is the final output's plus
+  ``weight`` × the sum of the intermediate outputs' losses, which is also reported as the part
+  ``"intermediate"``; ``output`` is the final one (what metrics and predictions see).
+  """
+  if isinstance(out, DeepSupervision):
+    loss, parts = loss_and_parts(task, out.output, batch)
+    deep = sum(loss_and_parts(task, o, batch)[0] for o in out.intermediate)
+    return loss + out.weight * deep, {**parts, "intermediate": deep}, out.output
+  loss, parts = loss_and_parts(task, out, batch)
+  return loss, parts, out
 
 
 def _tree_sum(trees):
@@ -236,21 +280,26 @@ def _tree_stack(trees):
 
 
 def task_terms(model, tasks, params, batch_stats, batch, *, grad_level="parameter",
-               train=True, frozen=()) -> TaskTerms:
+               train=True, frozen=(), key=None) -> TaskTerms:
   """The per-task terms of one forward pass of ``model`` on ``batch``.
 
   ``frozen``: label prefixes of parameter groups that are not differentiated (their gradient
-  is zero and its backward pass is not computed).
+  is zero and its backward pass is not computed). ``key``: the model's PRNG key for this pass
+  (the ``"gumbel"`` stream of ``model.apply``; only models that draw noise use it, e.g.
+  ``ltb``). The ``"relations"`` collection is mutable in every apply; what the model sows
+  there is returned in ``relations``.
   """
   def trainable(p):
     return labels.stop_gradient(model, p, frozen)
 
   if has_shared_encoder(model):
-    return _encoder_terms(model, tasks, params, batch_stats, batch, grad_level, train, trainable)
-  return _joint_terms(model, tasks, params, batch_stats, batch, grad_level, train, trainable)
+    return _encoder_terms(model, tasks, params, batch_stats, batch, grad_level, train, trainable,
+                          _rngs(key))
+  return _joint_terms(model, tasks, params, batch_stats, batch, grad_level, train, trainable,
+                      _rngs(key))
 
 
-def _encoder_terms(model, tasks, params, batch_stats, batch, grad_level, train, trainable):
+def _encoder_terms(model, tasks, params, batch_stats, batch, grad_level, train, trainable, rngs):
   images = batch["image"]
   output_size = images.shape[1:3]
   own, stats = labels.split(model, params), labels.split(model, batch_stats)
@@ -258,21 +307,23 @@ def _encoder_terms(model, tasks, params, batch_stats, batch, grad_level, train, 
   def encode(p):
     variables = {"params": trainable(p), "batch_stats": stats.get(labels.SHARED, {})}
     features, updates = model.apply(variables, images, train, method="encode",
-                                    mutable=["batch_stats"])
-    return features, updates["batch_stats"]
+                                    mutable=["batch_stats", RELATIONS], rngs=rngs)
+    return features, (updates["batch_stats"], sown_relations(updates))
 
-  features, encode_vjp, new_stats = jax.vjp(encode, own.get(labels.SHARED, {}), has_aux=True)
+  features, encode_vjp, (new_stats, relations) = jax.vjp(encode, own.get(labels.SHARED, {}),
+                                                         has_aux=True)
   losses, head_vjps, outputs, parts, task_stats = [], [], {}, {}, []
   for name, task in tasks.items():
     def head_loss(p, f, name=name, task=task):
       variables = {"params": trainable(p), "batch_stats": stats.get(name, {})}
       out, updates = model.apply(variables, f, name, output_size, train, method="decode",
-                                 mutable=["batch_stats"])
-      loss, loss_parts = loss_and_parts(task, out, batch)
-      return loss, (updates["batch_stats"], out, loss_parts)
+                                 mutable=["batch_stats", RELATIONS], rngs=rngs)
+      loss, loss_parts, out = output_loss(task, out, batch)
+      return loss, (updates["batch_stats"], out, loss_parts, sown_relations(updates))
 
-    loss, head_vjp, (head_stats, out, loss_parts) = jax.vjp(head_loss, own.get(name, {}),
-                                                            features, has_aux=True)
+    loss, head_vjp, (head_stats, out, loss_parts, sown) = jax.vjp(
+        head_loss, own.get(name, {}), features, has_aux=True)
+    relations.update(sown)
     losses.append(loss)
     head_vjps.append(head_vjp)
     task_stats.append(head_stats)
@@ -327,10 +378,10 @@ def _encoder_terms(model, tasks, params, batch_stats, batch, grad_level, train, 
     return weighted_direction(*task_cotangents(), weights)
 
   return TaskTerms(losses, parts, outputs, labels.merge(new_stats, *task_stats), combine,
-                   per_task, gram_terms, weighted)
+                   per_task, gram_terms, weighted, relations)
 
 
-def _joint_terms(model, tasks, params, batch_stats, batch, grad_level, train, trainable):
+def _joint_terms(model, tasks, params, batch_stats, batch, grad_level, train, trainable, rngs):
   own = labels.split(model, params)
   shared = own.pop(labels.SHARED, {})
   specific = labels.merge(*own.values())
@@ -339,14 +390,16 @@ def _joint_terms(model, tasks, params, batch_stats, batch, grad_level, train, tr
   def loss_vector(shared, specific):
     variables = {"params": trainable(labels.merge(shared, specific)),
                  "batch_stats": batch_stats}
-    outputs, updates = model.apply(variables, batch["image"], train, mutable=["batch_stats"])
-    pairs = [loss_and_parts(task, outputs[name], batch) for name, task in tasks.items()]
-    parts = {name: p for name, (_, p) in zip(names, pairs, strict=True) if p}
-    return (jnp.stack([loss for loss, _ in pairs]),
-            (updates["batch_stats"], {n: outputs[n] for n in names}, parts))
+    outputs, updates = model.apply(variables, batch["image"], train,
+                                   mutable=["batch_stats", RELATIONS], rngs=rngs)
+    triples = [output_loss(task, outputs[name], batch) for name, task in tasks.items()]
+    parts = {name: p for name, (_, p, _) in zip(names, triples, strict=True) if p}
+    outs = {name: out for name, (_, _, out) in zip(names, triples, strict=True)}
+    return (jnp.stack([loss for loss, _, _ in triples]),
+            (updates["batch_stats"], outs, parts, sown_relations(updates)))
 
-  losses, vjp, (new_stats, outputs, parts) = jax.vjp(loss_vector, shared, specific,
-                                                     has_aux=True)
+  losses, vjp, (new_stats, outputs, parts, relations) = jax.vjp(loss_vector, shared, specific,
+                                                                has_aux=True)
 
   def combine(weights):
     return labels.merge(*vjp(jnp.asarray(weights, losses.dtype)))
@@ -363,7 +416,8 @@ def _joint_terms(model, tasks, params, batch_stats, batch, grad_level, train, tr
     _, specific_sum = vjp(jnp.ones_like(losses))
     return labels.merge(shared_grads, specific_sum)
 
-  return TaskTerms(losses, parts, outputs, new_stats, combine, per_task, weighted=weighted)
+  return TaskTerms(losses, parts, outputs, new_stats, combine, per_task, weighted=weighted,
+                   relations=relations)
 
 
 def balance(terms: TaskTerms, method, weighting_state, key, task_chunk: int = 0,
@@ -390,27 +444,27 @@ def _balance(terms, method, weighting_state, key, task_chunk, cross, conflict):
   if cross is not None:
     weights, weighting_state = method.from_gram(cross, weighting_state, losses=terms.losses,
                                                 key=key)
-    seen = None if conflict is None else relations.when(
-        conflict, lambda: relations.conflict_from_grads(terms.per_task()[0]))
+    seen = None if conflict is None else relations_lib.when(
+        conflict, lambda: relations_lib.conflict_from_grads(terms.per_task()[0]))
     return terms.weighted(weights), weighting_state, weights, seen
   if task_chunk and method.level == "gradient":
     gram, finish = terms.gram_terms(task_chunk)
     weights, weighting_state = method.from_gram(gram, weighting_state, losses=terms.losses,
                                                 key=key)
-    seen = relations.conflict_metrics(gram) if conflict is not None else None
+    seen = relations_lib.conflict_metrics(gram) if conflict is not None else None
     return finish(weights), weighting_state, weights, seen
   if method.level == "loss":
     _, weighting_state, weights = method.update(None, weighting_state, losses=terms.losses,
                                                 key=key)
-    seen = None if conflict is None else relations.when(
-        conflict, lambda: relations.conflict_from_grads(terms.per_task()[0]))
+    seen = None if conflict is None else relations_lib.when(
+        conflict, lambda: relations_lib.conflict_from_grads(terms.per_task()[0]))
     return terms.combine(jax.lax.stop_gradient(weights)), weighting_state, weights, seen
   if method.level == "gradient":
     task_grads, finish = terms.per_task()
     direction, weighting_state, weights = method.update(task_grads, weighting_state,
                                                         losses=terms.losses, key=key)
-    seen = None if conflict is None else relations.when(
-        conflict, relations.conflict_from_grads, task_grads)
+    seen = None if conflict is None else relations_lib.when(
+        conflict, relations_lib.conflict_from_grads, task_grads)
     return finish(direction), weighting_state, weights, seen
   raise ValueError(f"weighting level {method.level!r} needs its own train step "
                    "(see mtjax.train.meta for 'meta')")
@@ -542,6 +596,8 @@ def apply_gradients(state: TrainState, optimizer, names, grads, weighting_state,
   params = optax.apply_updates(state.params, updates)
   losses = terms.losses
   metrics = {"loss": jnp.sum(losses), "grad_norm": optax.tree_utils.tree_norm(grads)}
+  for name, value in (terms.relations or {}).items():
+    metrics[f"relations/{name}"] = value
   for i, name in enumerate(names):
     metrics[f"loss/{name}"] = losses[i]
     metrics[f"weight/{name}"] = weights[i]

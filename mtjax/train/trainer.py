@@ -28,6 +28,7 @@ from mtjax.train import meta as meta_lib
 from mtjax.train import strategies as strategies_lib
 from mtjax.train.state import TrainState, healthy
 from mtjax.train.step import (
+  MODEL_KEY_TAG,
   apply_gradients,
   balance,
   batch_sharding,
@@ -165,9 +166,10 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
     step_frozen = frozen + tuple(p for p in phase.frozen if p not in frozen)
     mask = None if phase.active is None else jnp.asarray(phase.active, jnp.float32)
 
-    def forward(state, batch):
+    def forward(state, batch, key):
       terms = task_terms(model, tasks, state.params, state.batch_stats, batch,
-                         grad_level=grad_level, frozen=step_frozen)
+                         grad_level=grad_level, frozen=step_frozen,
+                         key=jax.random.fold_in(key, MODEL_KEY_TAG))
       if mask is not None:  # a task outside the phase contributes no loss
         terms = terms._replace(combine=lambda w, c=terms.combine: c(w * mask))
       return terms
@@ -178,7 +180,7 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
       done = state.step + 1
       logs = ((done % conflict_every == 0) | (done == last_step)) if conflict_every else None
       seen = {}
-      terms = forward(state, batch)
+      terms = forward(state, batch, key)
       if method.level == "meta":  # the meta information and the update: train/meta.py
         alpha = lookahead_lr(state.step) if callable(lookahead_lr) else lookahead_lr
         grads, wstate, weights, meta_metrics = meta_lib.meta_step(
