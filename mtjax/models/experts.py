@@ -21,11 +21,13 @@ Parameter counts, with ``P_hard`` the hard-sharing model of the same backbone an
 (:func:`mtjax.models.build`), ``P_i`` the parameters of backbone stage ``i`` (of ``N``),
 ``P_last = Σ`` of the last ``expert_stages`` stages' ``P_i``, ``C`` the trunk output's channels
 (``width·2^(s-1)``, ×4 for a bottleneck ResNet, ``width`` when ``s = N - expert_stages`` is 0)
-and ``T`` the number of tasks:
+``T`` the number of tasks, ``E = num_experts``, ``S = num_shared_experts``,
+``E_t = num_task_experts``, ``k = num_nonzeros`` and ``L = num_levels``:
 
 - ``mmoe``: ``P_hard + (E - 1)·P_last + T·(C + 1)·E``;
 - ``cgc``: ``P_hard + (S + T·E_t - 1)·P_last + T·(C + 1)·(S + E_t)``;
-- ``ple`` (``L`` levels, level ``j`` a copy of stage ``N - L + j`` reading ``C_{j-1}`` channels):
+- ``ple`` (level ``j`` is a copy of stage ``N - L + j``, its gates read ``C_{j-1}`` channels,
+  those of stage ``N - L + j - 1``'s output):
   ``P_hard + Σ_j (S + T·E_t - 1)·P_{N-L+j} + Σ_j (C_{j-1} + 1)·[T·(S + E_t) + (S + T·E_t)·1{j<L}]``;
 - ``dselect_k``: ``P_hard + (E - 1)·P_last + T·(C + 1)·k·(log2(E) + 1)``.
 
@@ -174,9 +176,10 @@ class SoftmaxGate(nn.Module):
 
 
 def smooth_step(t, gamma: float = 1.0):
-  """Hazimeh et al. (2021), eq. 1 (from Hazimeh et al., 2020): 0 for ``t <= -γ/2``, 1 for
-  ``t >= γ/2``, ``-2t³/γ³ + 3t/(2γ) + 1/2`` between; continuously differentiable, and exactly 0
-  or 1 (zero gradient) outside the band, so a trained selector reaches exact zeros."""
+  """The smooth step of Hazimeh et al. (2021, §3; from Hazimeh et al., 2020): 0 for
+  ``t <= -γ/2``, 1 for ``t >= γ/2``, ``-2t³/γ³ + 3t/(2γ) + 1/2`` between; continuously
+  differentiable, and exactly 0 or 1 (zero gradient) outside the band, so a trained selector
+  reaches exact zeros."""
   cubic = -2.0 / gamma**3 * t**3 + 3.0 / (2.0 * gamma) * t + 0.5
   return jnp.where(t <= -gamma / 2, 0.0, jnp.where(t >= gamma / 2, 1.0, cubic))
 
@@ -189,7 +192,7 @@ def binary_codes(num_experts: int) -> np.ndarray:
 
 
 def selector_outputs(z, codes, gamma: float = 1.0):
-  """Single-expert selectors (Hazimeh et al., 2021, eq. 2): ``r(z)_e = Π_j s(z_j)^{l(e)_j}
+  """Single-expert selectors (Hazimeh et al., 2021, §3): ``r(z)_e = Π_j s(z_j)^{l(e)_j}
   (1 - s(z_j))^{1 - l(e)_j}`` for ``z`` ``(..., m)`` -> ``(..., E)``; with ``E = 2^m`` the entries
   sum to 1 for any ``z``, and are one-hot once every ``|z_j| >= γ/2``."""
   s = smooth_step(z, gamma)[..., None, :]  # (..., 1, m)
@@ -197,7 +200,7 @@ def selector_outputs(z, codes, gamma: float = 1.0):
 
 
 class DSelectKGate(nn.Module):
-  """The per-example DSelect-k gate (Hazimeh et al., 2021, eq. 3 and its per-example form, §3.2).
+  """The per-example DSelect-k gate (Hazimeh et al., 2021, §3, example-conditioned form).
 
   ``k = num_nonzeros`` single-expert selectors ``r(z_i)``, ``z = Z x̄`` ``(k, m)``, mixed by
   ``α = softmax(W x̄)`` ``(k,)``: weights ``Σ_i α_i r(z_i)`` ``(B, E)``, non-negative, summing to 1,
@@ -358,9 +361,10 @@ class ProgressiveLayeredExtraction(nn.Module):
   Level ``j`` (a copy of backbone stage ``N - L + j`` per expert) has shared experts, reading
   the shared stream ``g^{s,j-1}``, and each task's own experts, reading the task's stream
   ``g^{t,j-1}`` (both start as the trunk output). Task ``t``'s gate, on its stream, mixes the
-  shared experts and its own into ``g^{t,j}`` (eq. 4); below the top level a shared gate, on the
-  shared stream, mixes *every* expert of the level, all tasks' included, into ``g^{s,j}``
-  (eq. 5; the top level has no shared gate: nothing reads it). The head reads ``g^{t,L}``.
+  shared experts and its own into ``g^{t,j}`` (eq. 4); below the top level a shared gate of the
+  same form, on the shared stream, mixes *every* expert of the level, all tasks' included, into
+  ``g^{s,j}`` (§4.3; the top level has no shared gate: nothing reads it). The head reads
+  ``g^{t,L}`` (eq. 5).
   LibMTL instead runs the shared experts on each task's stream and has no shared gate; this is
   the paper's structure.
 
@@ -480,7 +484,8 @@ def build_dselect_k(backbone: str, tasks: Mapping, *, width: int = 64, output_st
   extra penalty ``Σ 1/Σ_e r(z)_e`` on unreachable codes, an auxiliary loss the train step has no
   place for. No entropy regulariser: the authors' gate has none by default
   (``entropy_reg=None``; the paper tunes it per experiment), and it too would be an auxiliary
-  loss. Without it the selectors still saturate, only more slowly (Hazimeh et al., §3.3).
+  loss. The paper adds it to reach a binary selection sooner; without it the selectors still
+  saturate as training pushes their logits out of the smooth band.
   """
   resnet, heads = _hard(backbone, tasks, width, output_stride, stem, head_hidden, dtype)
   _check_count("num_experts", num_experts)

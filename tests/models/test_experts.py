@@ -1,6 +1,6 @@
 """Mixture-of-experts architectures: shapes, the parameter-count formulas, MMoE with one expert
-as hard sharing, the gates' distributions, DSelect-k's exact k-selection, per-task gradients
-against jax.jacrev, and a few training steps with one compile each."""
+as hard sharing, the gates' distributions, DSelect-k's exact k-selection, a few training steps
+with one compile each, and the train step's per-task gradients against jax.jacrev."""
 
 import math
 
@@ -110,7 +110,9 @@ def test_mmoe_with_one_expert_is_hard_sharing():
   hard = build("resnet_tiny", tasks, **KW)
   mmoe = experts.build_mmoe("resnet_tiny", tasks, **KW, num_experts=1)
   images = jnp.asarray(scenes(4, size=16)["image"])
-  hv = jax.jit(hard.init)(jax.random.PRNGKey(0), images)
+  rng = np.random.default_rng(0)  # random variables of the right shapes: no init to compile
+  hv = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype),
+                              jax.eval_shape(hard.init, jax.random.PRNGKey(0), images))
   mv = jax.eval_shape(mmoe.init, jax.random.PRNGKey(1), images)
 
   def transplant(tree, gates):
@@ -169,7 +171,7 @@ def test_smooth_step_is_a_c1_step():
   np.testing.assert_allclose(mid, 3 / (2 * gamma), rtol=1e-6)
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("k", [1, 3])
 def test_dselect_k_selects_exactly_k_experts_once_saturated(k):
   num_experts, gamma = 8, 1.0
   gate = experts.DSelectKGate(num_experts, k, gamma)
@@ -237,37 +239,27 @@ def _close(a, b, rtol=2e-4, atol=1e-6):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("name", ["cgc", "ple"])
-def test_per_task_gradients_match_jacrev(name):
-  # CGC: the encoder path (shared trunk and experts in encode, each task's experts, gate and
-  # head in decode); PLE: the general path (no shared encoder).
-  tasks = tiny_tasks(TWO)
-  model = experts.ARCHITECTURES[name]("resnet_tiny", tasks, **KW)
-  batch = {k: jnp.asarray(v) for k, v in scenes(4, size=16, seed=1).items()}
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), batch["image"])
-  params, stats = variables["params"], variables["batch_stats"]
+def _recording(method):
+  """``method``, also keeping in its state the per-task gradients it was handed last."""
+  def init(num_tasks, grads_like):
+    return method.init(num_tasks, grads_like), jax.tree_util.tree_map(
+        lambda g: jnp.zeros((num_tasks, *g.shape), g.dtype), grads_like)
 
-  @jax.jit
-  def both(params):
-    own = labels.split(model, params)
-    others = [own[t] for t in tasks]
-    want = jax.jacrev(lambda s: _loss_vector(model, tasks, labels.merge(s, *others), stats,
-                                             batch))(own["shared"])
-    return step_lib.task_terms(model, tasks, params, stats, batch).per_task()[0], want
-
-  got, want = both(params)
-  _close(got, want)
-  assert step_lib.has_shared_encoder(model) == (name == "cgc")
-  if name == "ple":  # no shared encoder: the representation level is refused
-    with pytest.raises(ValueError, match="grad_level: 'representation'.*no shared encoder"):
-      make_trainer(model, tasks, weighting.get("mgda"), optax.sgd(0.1), image_shape=(16, 16, 3),
-                   batch_size=4, grad_level="representation")
+  def update(task_grads, state, *, losses, key):
+    combined, inner, weights = method.update(task_grads, state[0], losses=losses, key=key)
+    return combined, (inner, task_grads), weights
+  return weighting.Method(init, update, "gradient")
 
 
-TRAIN = [("mmoe", {"num_experts": 2}, "mgda", "representation"),
+# CGC with a gradient-level method, its per-task gradients (the encoder path: shared trunk and
+# experts in encode, the task's experts, gate and head in decode) checked against jax.jacrev;
+# the others at the loss level, the cheapest compile (the general path that PLE takes is checked
+# against jax.jacrev by tests/train/test_contracts.py; every method at every level on every
+# architecture is the registry-wide test's).
+TRAIN = [("mmoe", {"num_experts": 2}, "ew", "parameter"),
          ("cgc", {}, "pcgrad", "parameter"),
-         ("ple", {}, "mgda", "parameter"),
-         ("dselect_k", {"num_experts": 2, "num_nonzeros": 1}, "ew", "representation")]
+         ("ple", {}, "ew", "parameter"),
+         ("dselect_k", {"num_experts": 2, "num_nonzeros": 1}, "ew", "parameter")]
 
 
 @pytest.mark.parametrize("name,hp,method,grad_level", TRAIN)
@@ -275,23 +267,40 @@ def test_trains_with_one_compile(name, hp, method, grad_level):
   tasks = tiny_tasks(TWO)
   model = experts.ARCHITECTURES[name]("resnet_tiny", tasks, **KW, **hp)
   mesh = step_lib.make_mesh(jax.devices()[:1])
-  trainer = make_trainer(model, tasks, weighting.get(method), optax.adam(3e-3),
-                         image_shape=(16, 16, 3), batch_size=8, grad_level=grad_level, mesh=mesh)
-  batch = step_lib.shard_batch(scenes(8, size=16, seed=2), mesh)
+  method = weighting.get(method)
+  trainer = make_trainer(model, tasks, _recording(method) if name == "cgc" else method,
+                         optax.adam(3e-3), image_shape=(16, 16, 3), batch_size=8,
+                         grad_level=grad_level, mesh=mesh)
+  host_batch = scenes(8, size=16, seed=2)
+  batch = step_lib.shard_batch(host_batch, mesh)
   compiled = []
 
   def on_duration(event, duration, **kwargs):
     if event == "/jax/core/compile/backend_compile_duration":
       compiled.append(kwargs.get("fun_name", ""))
 
-  state = step_lib.replicate(trainer.init(jax.random.PRNGKey(0)), mesh)
+  initial = jax.device_get(trainer.init(jax.random.PRNGKey(0)))
+  state = step_lib.replicate(initial, mesh)
   jax.monitoring.register_event_duration_secs_listener(on_duration)
   try:
     losses = []
-    for _ in range(6):
+    for i in range(6):
       state, metrics = trainer.step(state, batch)
       losses.append(float(metrics["loss"]))
+      if i == 0 and name == "cgc":
+        recorded = jax.device_get(state.weighting_state[1])
   finally:
     jax.monitoring.unregister_event_duration_listener(on_duration)
   assert compiled.count("jit(step)") == 1, compiled
   assert np.all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], losses
+  if name == "cgc":  # the step's per-task gradients (encode/decode split) = the full Jacobian
+    own = labels.split(model, initial.params)
+    others = [own[t] for t in tasks]
+    batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
+    want = jax.jit(jax.jacrev(lambda s: _loss_vector(
+        model, tasks, labels.merge(s, *others), initial.batch_stats, batch)))(own["shared"])
+    _close(recorded, want)
+  if name == "ple":  # no shared encoder: the representation level is refused
+    with pytest.raises(ValueError, match="grad_level: 'representation'.*no shared encoder"):
+      make_trainer(model, tasks, method, optax.sgd(0.1), image_shape=(16, 16, 3), batch_size=8,
+                   grad_level="representation")
