@@ -1,0 +1,306 @@
+"""Mixture-of-experts architectures: shapes, the parameter-count formulas, MMoE with one expert
+as hard sharing, the gates' distributions, DSelect-k's exact k-selection, a few training steps
+with one compile each, and the train step's per-task gradients against jax.jacrev."""
+
+import math
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mtjax import weighting
+from mtjax.models import build, experts, labels
+from mtjax.train import step as step_lib
+from mtjax.train.trainer import make_trainer
+from tests.helpers import scenes, tiny_tasks
+
+KW = dict(width=8, output_stride=4, stem="small", head_hidden=8)
+TWO = ("segmentation", "classification")  # a dense and a global head: the cheapest pair
+
+
+def _count(tree):
+  return sum(x.size for x in jax.tree_util.tree_leaves(tree))
+
+
+def _shapes(model, size=32, batch=2):
+  out, variables = jax.eval_shape(lambda: model.init_with_output(
+      jax.random.PRNGKey(0), jnp.zeros((batch, size, size, 3)), train=False))
+  return out, variables
+
+
+def _stage_params(hard, params):
+  """``{stage number: parameter count}`` of the hard model's backbone (0: the stem)."""
+  counts = {}
+  for path, leaf in flax.traverse_util.flatten_dict(params["backbone"]).items():
+    group = hard.backbone.param_group(path)
+    stage = 0 if group == "stem" else int(group[5:])
+    counts[stage] = counts.get(stage, 0) + leaf.size
+  return counts
+
+
+def _expected_count(name, hp, hard, hard_params, num_tasks):
+  """The docstring's formula (mtjax/models/experts.py), from the hard model's counts."""
+  resnet, stages = hard.backbone, _stage_params(hard, hard_params)
+  n, t = len(resnet.stage_sizes), num_tasks
+  total = _count(hard_params)
+  if name == "ple":
+    s, e_t, levels = hp["num_shared_experts"], hp["num_task_experts"], hp["num_levels"]
+    for j in range(1, levels + 1):
+      c = experts.stage_channels(resnet, n - levels + j - 1)
+      total += (s + t * e_t - 1) * stages[n - levels + j]
+      total += (c + 1) * (t * (s + e_t) + (s + t * e_t) * (j < levels))
+    return total
+  k_stages = hp["expert_stages"]
+  last = sum(stages[i] for i in range(n - k_stages + 1, n + 1))
+  c = experts.stage_channels(resnet, n - k_stages)
+  if name == "mmoe":
+    e = hp["num_experts"]
+    return total + (e - 1) * last + t * (c + 1) * e
+  if name == "cgc":
+    s, e_t = hp["num_shared_experts"], hp["num_task_experts"]
+    return total + (s + t * e_t - 1) * last + t * (c + 1) * (s + e_t)
+  e, k = hp["num_experts"], hp["num_nonzeros"]
+  return total + (e - 1) * last + t * (c + 1) * k * (int(math.log2(e)) + 1)
+
+
+@pytest.mark.parametrize("name,backbone,overrides", [
+    ("mmoe", "resnet_tiny", {}),
+    ("mmoe", "resnet18", {"num_experts": 3, "expert_stages": 4}),
+    ("cgc", "resnet_tiny", {}),
+    ("cgc", "resnet_tiny", {"num_shared_experts": 0, "num_task_experts": 2, "expert_stages": 3}),
+    ("ple", "resnet_tiny", {}),
+    ("ple", "resnet50", {"num_shared_experts": 2, "num_task_experts": 0, "num_levels": 3}),
+    ("dselect_k", "resnet_tiny", {}),
+    ("dselect_k", "resnet_tiny", {"num_experts": 8, "num_nonzeros": 3, "expert_stages": 2}),
+])
+def test_output_shapes_and_parameter_count_formula(name, backbone, overrides):
+  tasks = tiny_tasks()
+  width = 4 if backbone == "resnet50" else 8
+  kw = {**KW, "width": width}
+  model = experts.ARCHITECTURES[name](backbone, tasks, **kw, **overrides)
+  hard = build(backbone, tasks, **kw)
+  out, variables = _shapes(model)
+  hard_out, hard_vars = _shapes(hard)
+  for task in tasks:  # every head sees what it sees under hard sharing
+    assert out[task].shape == hard_out[task].shape
+  hp = {**experts.hparams(name), **overrides}
+  assert _count(variables["params"]) == _expected_count(name, hp, hard, hard_vars["params"],
+                                                        len(tasks))
+  # Every variable is labelled; the shared ones are the trunk and the shared experts/gates.
+  groups = labels.groups(model, variables["params"])
+  assert {labels.owner(g) for g in groups} == {"shared", *tasks}
+  labels.label_tree(model, variables["batch_stats"])
+  if name == "ple":
+    assert "features" not in out and not step_lib.has_shared_encoder(model)
+  else:  # the representation the representation-level methods see
+    last = hard_out["features"].shape
+    shared = out["features"]["experts"]
+    if name == "cgc" and overrides.get("num_shared_experts") == 0:
+      assert shared is None  # no shared experts: the trunk output is the whole representation
+    else:
+      assert shared.shape[:2] == (2, hp.get("num_experts", hp.get("num_shared_experts")))
+      assert shared.shape[2:] == last[1:]
+
+
+def test_mmoe_with_one_expert_is_hard_sharing():
+  tasks = tiny_tasks(TWO)
+  hard = build("resnet_tiny", tasks, **KW)
+  mmoe = experts.build_mmoe("resnet_tiny", tasks, **KW, num_experts=1)
+  images = jnp.asarray(scenes(4, size=16)["image"])
+  rng = np.random.default_rng(0)  # random variables of the right shapes: no init to compile
+  hv = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype),
+                              jax.eval_shape(hard.init, jax.random.PRNGKey(0), images))
+  mv = jax.eval_shape(mmoe.init, jax.random.PRNGKey(1), images)
+
+  def transplant(tree, gates):
+    backbone = dict(tree["backbone"])
+    expert = {k: backbone.pop(k) for k in list(backbone) if k == "BasicBlock_2"}
+    return {"trunk": backbone, "experts_0": expert, **gates,
+            **{k: v for k, v in tree.items() if k.startswith("heads_")}}
+
+  gates = jax.tree_util.tree_map(  # any gate: a softmax over one expert is 1
+      lambda x: jnp.full(x.shape, 0.3, x.dtype),
+      {k: v for k, v in mv["params"].items() if k.startswith("gates_")})
+  params = transplant(hv["params"], gates)
+  # The structure: hard sharing's parameters plus one (C + 1)-parameter gate per task.
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(mv["params"])
+  variables = {"params": params, "batch_stats": transplant(hv["batch_stats"], {})}
+  (want, want_stats), (got, state) = jax.jit(lambda hv, variables: (
+      hard.apply(hv, images, train=True, mutable=["batch_stats"]),
+      mmoe.apply(variables, images, train=True, mutable=["batch_stats", "relations"])))(
+          hv, variables)
+  for task in tasks:
+    np.testing.assert_allclose(got[task], want[task], rtol=1e-6, atol=1e-6)
+    assert state["relations"][f"gate/{task}"][0].tolist() == [1.0]
+  np.testing.assert_allclose(got["features"]["experts"][:, 0], want["features"], rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(transplant(want_stats["batch_stats"], {})),
+                  jax.tree_util.tree_leaves(state["batch_stats"]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_gates_are_per_example_distributions():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 16)), jnp.float32)
+  x = x.at[0].mul(1e4).at[1].set(0.0)  # a huge input (saturated softmax) and a zero one
+  for gate in (experts.SoftmaxGate(5), experts.DSelectKGate(8, 3)):
+    weights, extras = jax.jit(lambda x, gate=gate: gate.apply(gate.init(jax.random.PRNGKey(0), x),
+                                                               x))(x)
+    assert weights.shape == (6, gate.num_experts)
+    assert np.all(np.isfinite(weights)) and np.all(weights >= 0)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
+    if extras:  # DSelect-k: each selector is a distribution, mixed by a softmax
+      np.testing.assert_allclose(extras["selectors"].sum(-1), 1.0, rtol=1e-6)
+      np.testing.assert_allclose(extras["alpha"].sum(-1), 1.0, rtol=1e-6)
+      # At initialisation every smooth step is in its band: all experts get weight.
+      assert np.all(weights[1:] > 0)
+
+
+def test_smooth_step_is_a_c1_step():
+  gamma = 2.0
+  t = np.linspace(-2.0, 2.0, 401, dtype=np.float32)
+  edges = np.array([-gamma / 2, gamma / 2, -gamma / 2 * (1 - 1e-4), gamma / 2 * (1 - 1e-4), 0.0],
+                   np.float32)
+  values, slopes = jax.jit(lambda t: (experts.smooth_step(t, gamma), jax.vmap(jax.grad(
+      lambda u: experts.smooth_step(u, gamma)))(t)))(np.concatenate([t, edges]))
+  s, (at_low, at_high, in_low, in_high, mid) = values[:401], slopes[401:]
+  assert np.all(np.diff(s) >= 0) and float(s[0]) == 0.0 and float(s[-1]) == 1.0
+  np.testing.assert_allclose(values[401:403], [0.0, 1.0], atol=1e-6)  # continuous at the edges
+  np.testing.assert_allclose([at_low, at_high, in_low, in_high], 0.0, atol=1e-3)  # and flat
+  np.testing.assert_allclose(mid, 3 / (2 * gamma), rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_dselect_k_selects_exactly_k_experts_once_saturated(k):
+  num_experts, gamma = 8, 1.0
+  gate = experts.DSelectKGate(num_experts, k, gamma)
+  x = jnp.asarray(np.random.default_rng(k).normal(size=(5, 6)), jnp.float32)
+  params = jax.jit(gate.init)(jax.random.PRNGKey(0), x)["params"]
+  apply = jax.jit(lambda p: gate.apply({"params": p}, x))
+  # Selector i saturated on the binary code of expert 2i + 1 (distinct experts).
+  codes = experts.binary_codes(num_experts)
+  chosen = [2 * i + 1 for i in range(k)]
+  bias = np.concatenate([np.where(codes[e], 1.0, -1.0) * gamma for e in chosen])
+  params = {**params, "z_logits": {"kernel": jnp.zeros_like(params["z_logits"]["kernel"]),
+                                   "bias": jnp.asarray(bias, jnp.float32)}}
+  weights, extras = apply(params)
+  assert np.all(np.count_nonzero(np.asarray(weights), axis=-1) == k)
+  assert np.all(np.asarray(weights)[:, chosen] > 0)
+  np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(weights[:, chosen], extras["alpha"], rtol=1e-6)
+  # Saturated: the selection no longer moves (zero gradient into the z logits).
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(apply(p)[0] * jnp.arange(8.0))))(params)
+  assert float(jnp.abs(grads["z_logits"]["bias"]).max()) == 0.0
+  assert float(jnp.abs(grads["w_logits"]["bias"]).max()) > 0.0 or k == 1  # α = 1 when k = 1
+  # Input-dependent saturation (a large kernel): at most k experts per example, weights sum to 1.
+  big = {**params, "z_logits": {"kernel": 1e3 * jax.random.normal(
+      jax.random.PRNGKey(1), params["z_logits"]["kernel"].shape), "bias": bias}}
+  weights, _ = apply(big)
+  assert np.all(np.count_nonzero(np.asarray(weights), axis=-1) <= k)
+  np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
+
+
+def test_bad_hyperparameters_name_the_field():
+  tasks = tiny_tasks(TWO)
+  cases = [
+      (experts.build_dselect_k, {"num_experts": 6}, r"model.num_experts: dselect_k needs a "
+                                                    r"power of 2"),
+      (experts.build_dselect_k, {"num_nonzeros": 5}, r"model.num_nonzeros: expected an int in "
+                                                     r"1..4"),
+      (experts.build_dselect_k, {"gamma": 0.0}, r"model.gamma"),
+      (experts.build_mmoe, {"num_experts": 0}, r"model.num_experts: expected an int >= 1"),
+      (experts.build_mmoe, {"expert_stages": 4}, r"model.expert_stages: expected an int in 1..3 "
+                                                 r"\(the backbone has 3 stages\)"),
+      (experts.build_cgc, {"num_shared_experts": 0, "num_task_experts": 0},
+       r"a task needs at least one expert"),
+      (experts.build_ple, {"num_shared_experts": 0}, r"model.num_shared_experts"),
+      (experts.build_ple, {"num_levels": 0}, r"model.num_levels: expected an int in 1..3"),
+      (experts.build_mmoe, {"dtype": "float16"}, r"model.dtype"),
+  ]
+  for builder, kwargs, message in cases:
+    with pytest.raises(ValueError, match=message):
+      builder("resnet_tiny", tasks, **{**KW, **kwargs})
+  assert experts.hparams("dselect_k") == {"num_experts": 4, "num_nonzeros": 2, "gamma": 1.0,
+                                          "expert_stages": 1}
+  with pytest.raises(ValueError, match="model.architecture"):
+    experts.hparams("moe")
+
+
+def _loss_vector(model, tasks, params, batch_stats, batch):
+  out, _ = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
+                       train=True, mutable=["batch_stats"])
+  return jnp.stack([tasks[t].loss_fn(out[t], batch) for t in tasks])
+
+
+def _close(a, b, rtol=2e-4, atol=1e-6):
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def _recording(method):
+  """``method``, also keeping in its state the per-task gradients it was handed last."""
+  def init(num_tasks, grads_like):
+    return method.init(num_tasks, grads_like), jax.tree_util.tree_map(
+        lambda g: jnp.zeros((num_tasks, *g.shape), g.dtype), grads_like)
+
+  def update(task_grads, state, *, losses, key):
+    combined, inner, weights = method.update(task_grads, state[0], losses=losses, key=key)
+    return combined, (inner, task_grads), weights
+  return weighting.Method(init, update, "gradient")
+
+
+# CGC with a gradient-level method, its per-task gradients (the encoder path: shared trunk and
+# experts in encode, the task's experts, gate and head in decode) checked against jax.jacrev;
+# the others at the loss level, the cheapest compile (the general path that PLE takes is checked
+# against jax.jacrev by tests/train/test_contracts.py; every method at every level on every
+# architecture is the registry-wide test's).
+TRAIN = [("mmoe", {"num_experts": 2}, "ew", "parameter"),
+         ("cgc", {}, "pcgrad", "parameter"),
+         ("ple", {}, "ew", "parameter"),
+         ("dselect_k", {"num_experts": 2, "num_nonzeros": 1}, "ew", "parameter")]
+
+
+@pytest.mark.parametrize("name,hp,method,grad_level", TRAIN)
+def test_trains_with_one_compile(name, hp, method, grad_level):
+  tasks = tiny_tasks(TWO)
+  model = experts.ARCHITECTURES[name]("resnet_tiny", tasks, **KW, **hp)
+  mesh = step_lib.make_mesh(jax.devices()[:1])
+  method = weighting.get(method)
+  trainer = make_trainer(model, tasks, _recording(method) if name == "cgc" else method,
+                         optax.adam(3e-3), image_shape=(16, 16, 3), batch_size=8,
+                         grad_level=grad_level, mesh=mesh)
+  host_batch = scenes(8, size=16, seed=2)
+  batch = step_lib.shard_batch(host_batch, mesh)
+  compiled = []
+
+  def on_duration(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(kwargs.get("fun_name", ""))
+
+  initial = jax.device_get(trainer.init(jax.random.PRNGKey(0)))
+  state = step_lib.replicate(initial, mesh)
+  jax.monitoring.register_event_duration_secs_listener(on_duration)
+  try:
+    losses = []
+    for i in range(6):
+      state, metrics = trainer.step(state, batch)
+      losses.append(float(metrics["loss"]))
+      if i == 0 and name == "cgc":
+        recorded = jax.device_get(state.weighting_state[1])
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_duration)
+  assert compiled.count("jit(step)") == 1, compiled
+  assert np.all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], losses
+  if name == "cgc":  # the step's per-task gradients (encode/decode split) = the full Jacobian
+    own = labels.split(model, initial.params)
+    others = [own[t] for t in tasks]
+    batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
+    want = jax.jit(jax.jacrev(lambda s: _loss_vector(
+        model, tasks, labels.merge(s, *others), initial.batch_stats, batch)))(own["shared"])
+    _close(recorded, want)
+  if name == "ple":  # no shared encoder: the representation level is refused
+    with pytest.raises(ValueError, match="grad_level: 'representation'.*no shared encoder"):
+      make_trainer(model, tasks, method, optax.sgd(0.1), image_shape=(16, 16, 3), batch_size=8,
+                   grad_level="representation")
