@@ -44,7 +44,6 @@ Labels (:mod:`mtjax.models.labels`): ``"shared/stem"``, ``"shared/stage<i>"`` (t
 ``"<task>/level<j>/expert<i>"``, ``"<task>/level<j>/gate"``) and ``"<task>/head"``.
 """
 
-import inspect
 import math
 from collections.abc import Mapping, Sequence
 
@@ -556,16 +555,3 @@ ARCHITECTURES = {
     "ple": build_ple,
     "dselect_k": build_dselect_k,
 }
-
-# The arguments every builder takes (those of ``multitask.build``); the rest are hyperparameters.
-COMMON = ("backbone", "tasks", "width", "output_stride", "stem", "head_hidden", "dtype")
-
-
-def hparams(name: str) -> dict:
-  """The architecture-specific hyperparameters of ``name`` with their defaults (as
-  ``mtjax.weighting.hparams``): the builder's keyword arguments besides :data:`COMMON`."""
-  if name not in ARCHITECTURES:
-    raise ValueError(f"model.architecture: unknown mixture-of-experts architecture {name!r}; "
-                     f"valid names: {sorted(ARCHITECTURES)}")
-  parameters = inspect.signature(ARCHITECTURES[name]).parameters.values()
-  return {p.name: p.default for p in parameters if p.name not in COMMON}

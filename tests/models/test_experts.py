@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from mtjax import weighting
+from mtjax import models, weighting
 from mtjax.models import build, experts, labels
 from mtjax.train import step as step_lib
 from mtjax.train.trainer import make_trainer
@@ -86,7 +86,7 @@ def test_output_shapes_and_parameter_count_formula(name, backbone, overrides):
   hard_out, hard_vars = _shapes(hard)
   for task in tasks:  # every head sees what it sees under hard sharing
     assert out[task].shape == hard_out[task].shape
-  hp = {**experts.hparams(name), **overrides}
+  hp = {**models.hparams(name), **overrides}
   assert _count(variables["params"]) == _expected_count(name, hp, hard, hard_vars["params"],
                                                         len(tasks))
   # Every variable is labelled; the shared ones are the trunk and the shared experts/gates.
@@ -221,10 +221,10 @@ def test_bad_hyperparameters_name_the_field():
   for builder, kwargs, message in cases:
     with pytest.raises(ValueError, match=message):
       builder("resnet_tiny", tasks, **{**KW, **kwargs})
-  assert experts.hparams("dselect_k") == {"num_experts": 4, "num_nonzeros": 2, "gamma": 1.0,
+  assert models.hparams("dselect_k") == {"num_experts": 4, "num_nonzeros": 2, "gamma": 1.0,
                                           "expert_stages": 1}
   with pytest.raises(ValueError, match="model.architecture"):
-    experts.hparams("moe")
+    models.hparams("moe")
 
 
 def _loss_vector(model, tasks, params, batch_stats, batch):
