@@ -1,7 +1,8 @@
 """Every registered sharing architecture: shapes, parameter counts, equivalences, train steps.
 
 An architecture added to ``mtjax.models.ARCHITECTURES`` is picked up here: its output shapes,
-labels, train steps (compiled once, lowering the loss, 8 devices = 1 device), both gradient
+labels, train steps (compiled once, lowering the loss; 8 devices = 1 device for one
+architecture of each kind, `EIGHT_DEVICES`), both gradient
 levels where it has a shared encoder (the representation level refused otherwise) and every
 gradient-level weighting method on its real per-task gradients. Its parameter-count formula is
 checked where it is listed in ``FORMULAS`` (those of the expert architectures live with their
@@ -273,6 +274,13 @@ def _flat(task_grads):
                          for x in leaves], axis=1)
 
 
+# 8 devices against 1 for one architecture of each kind of forward pass (CI time): the encoder
+# path (hard), the general path with (T, T) relations (cross_stitch), a features pytree of
+# experts and gates (mmoe), the Gumbel noise key (ltb), deep supervision (pad_net). None of
+# the others has device-count-dependent code.
+EIGHT_DEVICES = ("hard", "cross_stitch", "mmoe", "ltb", "pad_net")
+
+
 def test_train_steps_and_every_gradient_method_on_every_architecture():
   """The train steps of every architecture, then every gradient method on their gradients
   (see the module docstring)."""
@@ -296,15 +304,16 @@ def test_train_steps_and_every_gradient_method_on_every_architecture():
       assert all(f"loss/{t}/intermediate" in history[0] for t in TASKS)
     collected[(arch, "parameter")] = _flat(state.weighting_state[1])
 
-    _, history8, _, params8 = _train(arch, "parameter", jax.devices()[:8], 2)
-    for one, eight in zip(history[:2], history8, strict=True):
-      for key in one:
-        np.testing.assert_allclose(eight[key], one[key], rtol=2e-4, atol=1e-5,
-                                   err_msg=f"{arch} {key}")
-    # Adam divides by √v: a summation-order difference in a near-zero gradient entry grows.
-    for a, b in zip(jax.tree_util.tree_leaves(params8[-1]),
-                    jax.tree_util.tree_leaves(params[1]), strict=True):
-      np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4, err_msg=arch)
+    if arch in EIGHT_DEVICES:
+      _, history8, _, params8 = _train(arch, "parameter", jax.devices()[:8], 2)
+      for one, eight in zip(history[:2], history8, strict=True):
+        for key in one:
+          np.testing.assert_allclose(eight[key], one[key], rtol=2e-4, atol=1e-5,
+                                     err_msg=f"{arch} {key}")
+      # Adam divides by √v: a summation-order difference in a near-zero gradient entry grows.
+      for a, b in zip(jax.tree_util.tree_leaves(params8[-1]),
+                      jax.tree_util.tree_leaves(params[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4, err_msg=arch)
 
     if step_lib.has_shared_encoder(_build(arch)):
       state, history, _, _ = _train(arch, "representation", jax.devices()[:1], 1)
