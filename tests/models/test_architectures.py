@@ -114,7 +114,7 @@ def test_shapes_labels_and_parameter_count(arch):
 
 def test_registry_and_config_errors(tmp_path):
   assert set(FORMULAS) <= set(ARCHS)
-  assert models.hparams("hard") == {}
+  assert models.hparams("hard") == {"frozen_bn": False}
   assert models.hparams("partial") == {"branch_stage": 2}
   with pytest.raises(ValueError, match=r"model.architecture: got 'nope'.*'partial'"):
     _build("nope")
@@ -275,10 +275,9 @@ def _flat(task_grads):
 
 
 # 8 devices against 1 for one architecture of each kind of forward pass (CI time): the encoder
-# path (hard), the general path with (T, T) relations (cross_stitch), a features pytree of
-# experts and gates (mmoe), the Gumbel noise key (ltb), deep supervision (pad_net). None of
-# the others has device-count-dependent code.
-EIGHT_DEVICES = ("hard", "cross_stitch", "mmoe", "ltb", "pad_net")
+# path (hard), the general path with (T, T) relations (cross_stitch), the Gumbel noise key
+# (ltb). None of the others has device-count-dependent code.
+EIGHT_DEVICES = ("hard", "cross_stitch", "ltb")
 
 
 def test_train_steps_and_every_gradient_method_on_every_architecture():

@@ -253,8 +253,8 @@ def _recording(method):
 
 # CGC with a gradient-level method, its per-task gradients (the encoder path: shared trunk and
 # experts in encode, the task's experts, gate and head in decode) checked against jax.jacrev.
-# Every architecture's train step (one compile, a falling loss, both levels, 8 devices = 1 for
-# mmoe) is tests/models/test_architectures.py's; the general path that PLE takes is checked
+# Every architecture's train step (one compile, a falling loss, both levels) is
+# tests/models/test_architectures.py's; the general path that PLE takes is checked
 # against jax.jacrev by tests/train/test_contracts.py.
 TRAIN = [("cgc", {}, "pcgrad", "parameter")]
 
