@@ -123,7 +123,8 @@ def data_dir(tmp_path_factory):
 
 def test_alternating_resumes_mid_phase_bitwise_with_one_compile_per_phase(data_dir, tmp_path):
   cfg = tiny_config(data_dir, method="dwa", strategy="alternating", prediction_images=2,
-                    tensorboard=True, **{"phases.specific_steps": 2, "phases.shared_steps": 2})
+                    tensorboard=True, **{"phases.specific_steps": 2, "phases.shared_steps": 2,
+                                         "relations.conflict": True})
   compiled = []
 
   def on_duration(event, duration, **kwargs):
@@ -140,7 +141,8 @@ def test_alternating_resumes_mid_phase_bitwise_with_one_compile_per_phase(data_d
   # Stopped after step 3, in the middle of the second phase (steps 3-4 freeze the heads); no
   # figures there (presentation fields: the same run, one compile fewer).
   cut = tiny_config(data_dir, method="dwa", strategy="alternating",
-                    **{"phases.specific_steps": 2, "phases.shared_steps": 2})
+                    **{"phases.specific_steps": 2, "phases.shared_steps": 2,
+                       "relations.conflict": True})
   assert loop.train(cut, str(tmp_path / "cut"), progress=False, stop_after=3) == {}
   loop.train(cut, str(tmp_path / "cut"), progress=False)
   full, cut = restore_latest(tmp_path / "full")[1], restore_latest(tmp_path / "cut")[1]
