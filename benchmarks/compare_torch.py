@@ -26,8 +26,9 @@ to completion (``jax.block_until_ready``; ``torch.cuda.synchronize`` on a GPU).
 
 Writes ``<out>/compare_torch_<setup>.json`` (every step time, hardware, versions, the load
 average before and after) and ``.md`` (the table the README shows) -- the table only when the
-1-minute load average stayed within the usable cores (else a warning; ``--allow-busy`` writes
-it marked as not a speed figure). ``--torch off`` (or no torch installed, with ``--torch
+1-minute load average stayed within the usable cores plus half a core (the benchmark's own
+threads count toward the load: an idle machine running it alone reads ≈ the core count; else a
+warning; ``--allow-busy`` writes it marked as not a speed figure). ``--torch off`` (or no torch installed, with ``--torch
 auto``) measures the mtjax side alone.
 """
 
@@ -109,11 +110,13 @@ def parse_args(argv=None):
 
 def busy(info) -> str | None:
   """Why the run is not a speed figure (the 1-minute load average, before or after, above the
-  usable CPU cores: other jobs shared the machine), or None."""
+  usable CPU cores + 0.5: other jobs shared the machine), or None. The benchmark itself keeps up
+  to one runnable thread per core, so a machine running it alone reads about the core count
+  after it (2.05 on 2 cores, 2026-11-29, nothing else running)."""
   hw = info["hardware"]
   cores = hw.get("cpus_usable") or hw.get("cpu_count") or 1
   load = max(info["load_before"][0], info["load_after"][0])
-  if load > cores:
+  if load > cores + 0.5:
     return (f"the load average reached {load:.2f} on {cores} usable cores: other jobs shared "
             "the machine, so these times are not a speed figure; rerun on an idle machine")
   return None
@@ -365,6 +368,7 @@ def render(path, allow_busy=False):
   """Rewrites the table of a saved run (``--render``); returns its result."""
   with open(path) as f:
     result = json.load(f)
+  result["info"]["load_ok"] = busy(result["info"]) is None
   for row in result["rows"]:
     for p in row["peers"]:
       if "times_ms" in p and "times_ms" in row["mtjax"]:
