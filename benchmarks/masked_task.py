@@ -38,7 +38,7 @@ def main():
     method = weighting.get(name)
     if method.level == "meta":
       continue
-    run = jax.jit(lambda g, l, k, m=method: _direction(m, g, l, k))
+    run = jax.jit(lambda g, losses, k, m=method: _direction(m, g, losses, k))
     cos, norm, finite = [], [], True
     for d in range(DRAWS):
       g = jnp.asarray(rng.normal(size=(3, DIM)), jnp.float32)
