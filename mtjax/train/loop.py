@@ -172,6 +172,12 @@ def load_data(cfg, split: str, label_keys, entry: dict | None = None):
   return pipeline.select(arrays, label_keys)
 
 
+# Methods whose direction (nearly) vanishes on a step with a masked task, measured by
+# benchmarks/masked_task.py: MGDA's min-norm point of a hull that holds 0 is 0; FAMO's and GLS's
+# weights grow as 1 / loss, so a loss of 0 takes all of it. The loop warns (several datasets).
+MASKED_STEP_VANISHES = ("mgda", "famo", "gls")
+
+
 class Mixture(NamedTuple):
   """The datasets of ``config.datasets`` of one split, and the run's draws from them."""
   keys: tuple              # the entries' keys, in the config's order
@@ -423,6 +429,11 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
       pipeline.grain_module()
   data_kw = dict(seed=cfg.seed, batch_size=cfg.batch_size, transform=transform,
                  process_index=jax.process_index(), process_count=jax.process_count())
+  if several and cfg.weighting.name in MASKED_STEP_VANISHES:
+    warn(f"config.weighting.name: {cfg.weighting.name!r} puts (almost) all its weight on a "
+         "task masked out of a step (loss 0, zero gradient), so the shared parameters barely "
+         "move on the steps whose dataset does not label every task "
+         "(benchmarks/results/masked_task.md)")
   if several:   # a Mixture per split; evaluation over each dataset, its unlabelled tasks masked
     mix = load_mixture(cfg, "train", exp, transforms)
     val_mix = load_mixture(cfg, "validation", exp, transforms)
