@@ -7,6 +7,7 @@ got and what is allowed.
 import ml_collections
 
 from mtjax import data, models, tasks, weighting
+from mtjax.data import mixing
 from mtjax.errors import UserError
 
 # Fields that change what is logged or saved, or where it runs (``mesh``: the same trajectory to
@@ -70,6 +71,87 @@ def _check(ok: bool, field: str, got, allowed):
     raise UserError(f"config.{field}: got {got!r}; expected {allowed}")
 
 
+# Fields of an entry of ``config.datasets``; all but ``tasks`` default to ``config.dataset``'s.
+DATASET_ENTRY_FIELDS = ("name", "tasks", "data_dir", "split_sizes", "augment")
+
+
+def several_datasets(cfg) -> bool:
+  """Whether the run draws from several datasets (a non-empty ``config.datasets``)."""
+  return bool(cfg.get("datasets", None))
+
+
+def dataset_entries(cfg) -> dict:
+  """``{key: dataset}`` of the run, each a dict with ``name``, ``tasks`` (those it labels),
+  ``data_dir``, ``split_sizes``, ``augment``, ``image_size`` and ``field`` (its config path, for
+  errors): the entries of ``config.datasets``, their missing fields taken from ``config.dataset``;
+  without ``config.datasets``, the one entry ``config.dataset`` labelling ``config.tasks``."""
+  base = {"name": cfg.dataset.get("name", ""), "data_dir": cfg.dataset.get("data_dir", ""),
+          "split_sizes": dict(cfg.dataset.get("split_sizes", None) or {}),
+          "augment": tuple(cfg.dataset.get("augment", ())),
+          "image_size": tuple(cfg.dataset.image_size)}
+  if not several_datasets(cfg):
+    return {"dataset": {**base, "tasks": tuple(cfg.tasks), "field": "dataset"}}
+  out = {}
+  for key, entry in cfg.datasets.items():
+    entry = dict(entry) if hasattr(entry, "items") else entry
+    _check(isinstance(entry, dict), f"datasets.{key}", entry,
+           f"a dict with fields {list(DATASET_ENTRY_FIELDS)} ('tasks' required)")
+    unknown = sorted(set(entry) - set(DATASET_ENTRY_FIELDS))
+    _check(not unknown, f"datasets.{key}", unknown,
+           f"fields from {list(DATASET_ENTRY_FIELDS)} (image_size, loader and num_workers are "
+           "config.dataset's, common to all)")
+    item = {**base, **{k: v for k, v in entry.items() if k != "tasks"},
+            "tasks": entry.get("tasks", None), "field": f"datasets.{key}"}
+    item["split_sizes"] = dict(item["split_sizes"] or {})
+    item["augment"] = tuple(item["augment"] or ())
+    out[key] = item
+  return out
+
+
+def task_options(cfg) -> dict:
+  """``{task: options}`` (class counts) of ``config.tasks`` from the dataset(s) labelling each."""
+  out = {}
+  for entry in dataset_entries(cfg).values():
+    info = data.dataset_info(entry["name"])["tasks"]
+    for task in entry["tasks"]:
+      if task in info:
+        out.setdefault(task, info[task])
+  return {task: out[task] for task in cfg.tasks if task in out}
+
+
+def _check_datasets(cfg, names) -> None:
+  """The entries of ``config.datasets`` against the registry and ``config.tasks``."""
+  _check(hasattr(cfg.datasets, "items"), "datasets", cfg.datasets,
+         "a dict {key: {name, tasks, ...}} (empty: the one config.dataset)")
+  sampler = cfg.get("dataset_sampler", "proportional")
+  _check(sampler in mixing.SAMPLERS, "dataset_sampler", sampler,
+         f"one of {list(mixing.SAMPLERS)} (which dataset each step draws from)")
+  first = {}
+  for entry in dataset_entries(cfg).values():
+    field = entry["field"]
+    try:
+      info = data.dataset_info(entry["name"])
+    except ValueError as e:
+      raise UserError(f"config.{field}.{e}") from None
+    labelled = entry["tasks"]
+    _check(isinstance(labelled, (tuple, list)) and len(labelled) > 0
+           and len(set(labelled)) == len(labelled), f"{field}.tasks", labelled,
+           "a non-empty tuple of distinct task names (the tasks this dataset labels)")
+    for task in labelled:
+      _check(task in names, f"{field}.tasks", task, f"tasks of config.tasks {names}")
+      _check(task in info["tasks"], f"{field}.tasks", task,
+             f"tasks that dataset {entry['name']!r} labels: {sorted(info['tasks'])}")
+      options = info["tasks"][task]
+      if task in first and first[task][1] != options:
+        raise UserError(f"config.{field}.tasks: task {task!r} has options {options} in dataset "
+                        f"{entry['name']!r} but {first[task][1]} in config.{first[task][0]}; "
+                        "expected the same (one head per task)")
+      first.setdefault(task, (field, options))
+  missing = [t for t in names if t not in first]
+  _check(not missing, "datasets", missing,
+         f"every task of config.tasks labelled by at least one dataset; {missing} is not")
+
+
 def validate(cfg, num_devices: int = 1) -> None:
   """Raises :class:`UserError` (a ValueError) naming the first bad field among those that span
   several builders.
@@ -77,16 +159,20 @@ def validate(cfg, num_devices: int = 1) -> None:
   The fields of one builder (model, weighting method, optimizer, gradient level) are checked
   by that builder (see ``mtjax.train.loop.build``), with errors naming the field.
   """
-  try:
-    info = data.dataset_info(cfg.dataset.name)
-  except ValueError as e:
-    raise UserError(f"config.dataset.{e}") from None
+  if not several_datasets(cfg):
+    try:
+      info = data.dataset_info(cfg.dataset.name)
+    except ValueError as e:
+      raise UserError(f"config.dataset.{e}") from None
   size = tuple(cfg.dataset.image_size)
   _check(len(size) == 2 and all(isinstance(s, int) and s >= 8 for s in size),
          "dataset.image_size", size, "(height, width), ints >= 8")
   names = tuple(cfg.tasks)
   _check(len(names) > 0 and len(set(names)) == len(names), "tasks", names,
          "a non-empty tuple of distinct task names")
+  if several_datasets(cfg):
+    _check_datasets(cfg, names)
+    info = {"tasks": task_options(cfg)}
   for name in names:
     _check(name in tasks.names() or "kind" in info["tasks"].get(name, {}), "tasks", name,
            f"task names from {tasks.names()}")
@@ -120,10 +206,12 @@ def validate(cfg, num_devices: int = 1) -> None:
 
 
 def identity(cfg) -> dict:
-  """The fields that define a run's trajectory (all but :data:`PRESENTATION_FIELDS`)."""
+  """The fields that define a run's trajectory (all but :data:`PRESENTATION_FIELDS`, and the
+  ``data_dir`` of each entry of ``config.datasets``)."""
   flat = _flatten(cfg.to_dict())
   return {k: v for k, v in flat.items()
-          if not any(k == f or k.startswith(f + ".") for f in PRESENTATION_FIELDS)}
+          if not any(k == f or k.startswith(f + ".") for f in PRESENTATION_FIELDS)
+          and not (k.startswith("datasets.") and k.endswith(".data_dir"))}
 
 
 def _flatten(d, prefix=""):

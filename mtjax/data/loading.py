@@ -135,9 +135,18 @@ DATASETS = {
 }
 
 
+# Catalog datasets asked for that are not registered, and why (said by the error).
+NOT_REGISTERED = {
+    "coco": "COCO's TFDS builder (coco/2017, also its panoptic variant) needs TensorFlow even "
+            "to read its prepared files, and TensorFlow is never required here",
+}
+
+
 def _spec(name):
   if name not in DATASETS:
-    raise ValueError(f"name: unknown dataset {name!r}; valid names: {sorted(DATASETS)}")
+    why = next((v for k, v in NOT_REGISTERED.items() if str(name).startswith(k)), None)
+    raise ValueError(f"name: unknown dataset {name!r}{f' ({why})' if why else ''}; valid "
+                     f"names: {sorted(DATASETS)}")
   return DATASETS[name]
 
 

@@ -157,6 +157,12 @@ def batches(data, *, seed: int, start: int, stop: int, batch_size: int, transfor
   make = lambda step: train_batch(data, seed=seed, step=step, batch_size=batch_size,  # noqa: E731
                                   transform=transform, process_index=process_index,
                                   process_count=process_count)
+  yield from read_ahead(make, start, stop, num_workers=num_workers, prefetch=prefetch)
+
+
+def read_ahead(make, start: int, stop: int, *, num_workers: int = 0, prefetch: int = 2):
+  """Yields ``(step, make(step))`` for ``start <= step < stop``, in order; ``num_workers > 0``
+  threads compute up to ``num_workers + prefetch`` steps ahead (``make`` must be pure)."""
   if num_workers <= 0:
     for step in range(start, stop):
       yield step, make(step)

@@ -22,7 +22,7 @@ import numpy as np
 from mtjax import checkpoint, data, metrics, models, relations, weighting
 from mtjax import config as config_lib
 from mtjax import tasks as tasks_lib
-from mtjax.data import augment, pipeline
+from mtjax.data import augment, mixing, pipeline
 from mtjax.errors import RunError, UserError
 from mtjax.models import labels, pretrained
 from mtjax.train import figures, optim, strategies
@@ -55,8 +55,8 @@ def _building(field: str | None = None):
 
 def build(cfg) -> Experiment:
   """Model, tasks, weighting method and optimizer of a config; each builder checks its fields."""
-  info = data.dataset_info(cfg.dataset.name)
-  tasks = {name: tasks_lib.get(name, **info["tasks"][name]) for name in cfg.tasks}
+  options = config_lib.task_options(cfg)
+  tasks = {name: tasks_lib.get(name, **options[name]) for name in cfg.tasks}
   with _building():
     model = models.build(cfg.model.backbone, tasks, **config_lib.model_kwargs(cfg))
   if cfg.model.get("pretrained", ""):
@@ -138,32 +138,113 @@ def _relations_and_phases(cfg) -> dict:
               strategies.phase_at, strategy, phases, names)}
 
 
-def load_data(cfg, split: str, label_keys):
+def load_data(cfg, split: str, label_keys, entry: dict | None = None):
   """The arrays of ``split`` (built into the data dir first if needed), or for a dataset read
-  lazily its :class:`mtjax.data.sources.Source`."""
-  data_dir = cfg.dataset.data_dir or None
+  lazily its :class:`mtjax.data.sources.Source`. ``entry``: one of
+  :func:`mtjax.config.dataset_entries` (default: ``config.dataset``)."""
+  if entry is None:
+    entry = config_lib.dataset_entries(cfg)["dataset"]
+  name, field = entry["name"], entry["field"]
+  data_dir = entry["data_dir"] or None
+  size = tuple(cfg.dataset.image_size)
   try:
-    if data.DATASETS[cfg.dataset.name].in_memory:
-      arrays = data.load_split(cfg.dataset.name, split, image_size=tuple(cfg.dataset.image_size),
-                               data_dir=data_dir, split_sizes=dict(cfg.dataset.split_sizes))
+    if data.DATASETS[name].in_memory:
+      arrays = data.load_split(name, split, image_size=size, data_dir=data_dir,
+                               split_sizes=entry["split_sizes"])
     else:
-      arrays = data.open_split(cfg.dataset.name, split, image_size=tuple(cfg.dataset.image_size),
-                               data_dir=data_dir, split_sizes=dict(cfg.dataset.split_sizes))
+      arrays = data.open_split(name, split, image_size=size, data_dir=data_dir,
+                               split_sizes=entry["split_sizes"])
   except OSError as e:
     if isinstance(e, FileNotFoundError) and e.filename is None:  # its message has the layout
-      raise UserError(f"config.dataset.data_dir: {e}") from None
+      raise UserError(f"config.{field}.data_dir: {e}") from None
     where = data_dir or os.environ.get("MTJAX_DATA_DIR") or "~/tensorflow_datasets"
     raise UserError(
-        f"config.dataset.data_dir (else $MTJAX_DATA_DIR): cannot build or read dataset "
-        f"{cfg.dataset.name!r} in {where!r}: {e.strerror or e}"
+        f"config.{field}.data_dir (else $MTJAX_DATA_DIR): cannot build or read dataset "
+        f"{name!r} in {where!r}: {e.strerror or e}"
         f"{f' ({e.filename})' if e.filename else ''}; expected a writable folder") from e
   except UserError:
     raise
   except ValueError as e:   # a field of config.dataset, or files that do not match the layout
-    field = str(e).split(":")[0]
-    where = field if field in ("image_size", "split_sizes") else "data_dir"
-    raise UserError(f"config.dataset.{where}: {str(e).removeprefix(field + ': ')}") from None
+    key = str(e).split(":")[0]
+    where = {"image_size": "dataset.image_size", "split_sizes": f"{field}.split_sizes"}.get(
+        key, f"{field}.data_dir")
+    raise UserError(f"config.{where}: {str(e).removeprefix(key + ': ')}") from None
   return pipeline.select(arrays, label_keys)
+
+
+# Methods whose direction (nearly) vanishes on a step with a masked task, measured by
+# benchmarks/masked_task.py: MGDA's min-norm point of a hull that holds 0 is 0; FAMO's and GLS's
+# weights grow as 1 / loss, so a loss of 0 takes all of it. The loop warns (several datasets).
+MASKED_STEP_VANISHES = ("mgda", "famo", "gls")
+
+
+class Mixture(NamedTuple):
+  """The datasets of ``config.datasets`` of one split, and the run's draws from them."""
+  keys: tuple              # the entries' keys, in the config's order
+  datasets: list           # [(data, labelled tasks), ...] (arrays or sources)
+  label_specs: dict        # {task: task.label_spec(image_size)}
+  transforms: list         # each dataset's augmentation
+  steps: mixing.Plan       # the dataset and draw of each step of the run
+  sampler: str
+
+  def sizes(self) -> dict:
+    return {k: pipeline.size(d) for k, (d, _) in zip(self.keys, self.datasets, strict=True)}
+
+  def labelled(self):
+    """Each dataset with every task's keys (its unlabelled tasks masked), for evaluation."""
+    return [mixing.with_labels(d, t, self.label_specs) for d, t in self.datasets]
+
+
+def load_mixture(cfg, split: str, exp: "Experiment", transforms=None) -> Mixture:
+  """``split`` of every entry of ``config.datasets`` (each read with its own tasks' keys) and
+  the :func:`mtjax.data.mixing.plan` of the run's steps."""
+  entries = config_lib.dataset_entries(cfg)
+  size = tuple(cfg.dataset.image_size)
+  datasets = []
+  for entry in entries.values():
+    keys = tuple(dict.fromkeys(k for t in entry["tasks"]
+                               for k in tasks_lib.label_keys(exp.tasks[t])))
+    datasets.append((load_data(cfg, split, keys, entry), tuple(entry["tasks"])))
+  sampler = cfg.get("dataset_sampler", "proportional")
+  steps = mixing.plan([pipeline.size(d) for d, _ in datasets], sampler, seed=cfg.seed,
+                      stop=max(cfg.num_steps, 1), num_steps=cfg.num_steps)
+  return Mixture(tuple(entries), datasets,
+                 {name: task.label_spec(size) for name, task in exp.tasks.items()},
+                 list(transforms or [None] * len(datasets)), steps, sampler)
+
+
+def mixture_batch(mix: Mixture, cfg, step: int, seed: int) -> dict:
+  """This process's share of the batch of ``step`` drawn from ``mix``."""
+  return mixing.mixed_batch(mix.datasets, seed=seed, step=step, batch_size=cfg.batch_size,
+                            sampler=mix.sampler, num_steps=cfg.num_steps,
+                            label_specs=mix.label_specs, transforms=mix.transforms,
+                            steps=mix.steps, process_index=jax.process_index(),
+                            process_count=jax.process_count())[1]
+
+
+def check_mixture(mix: Mixture, cfg, exp) -> None:
+  """Each dataset's first batch against the tasks, and the same layout (keys, shapes, dtypes)
+  for all of them: one compiled step serves every dataset."""
+  first, layout = None, None
+  for k, key in enumerate(mix.keys):
+    data_, labelled = mix.datasets[k]
+    batch = mixing.complete_labels(pipeline.train_batch(
+        data_, seed=cfg.seed, step=0, batch_size=cfg.batch_size, transform=mix.transforms[k]),
+        labelled, mix.label_specs)
+    try:
+      tasks_lib.check_batch(exp.tasks, batch, cfg.dataset.image_size, cfg.batch_size)
+    except ValueError as e:
+      raise UserError(f"config.datasets.{key}: dataset "
+                      f"{config_lib.dataset_entries(cfg)[key]['name']!r}: {e}") from None
+    now = {k: (v.shape, v.dtype.name) for k, v in batch.items()}
+    if layout is None:
+      first, layout = key, now
+    elif now != layout:
+      diff = sorted(k for k in set(now) | set(layout) if now.get(k) != layout.get(k))
+      raise UserError(
+          f"config.datasets.{key}: its batches differ from those of config.datasets.{first} in "
+          + ", ".join(f"{k} ({now.get(k)} vs {layout.get(k)})" for k in diff)
+          + "; expected the same keys, shapes and dtypes (one compiled step for all datasets)")
 
 
 def warn(message: str) -> None:
@@ -254,12 +335,15 @@ def evaluate_split(evaluate, state, arrays, tasks, batch_size, mesh) -> dict:
   """``{task: {metric: value}}`` over a whole split (padded batches are masked out).
 
   Sums come from the jitted ``evaluate``; tasks with a host-side evaluator also get its
-  metrics, fed with their predictions batch by batch.
+  metrics, fed with their predictions batch by batch. ``arrays``: the split's data, or a list
+  of the splits of several datasets with their unlabelled tasks masked
+  (:meth:`Mixture.labelled`): each task is then measured on the examples that label it.
   """
   totals = None
   hosted = {name: task.evaluator for name, task in tasks.items() if task.evaluator is not None}
   host_states = {name: evaluator.init() for name, evaluator in hosted.items()}
-  for batch in pipeline.eval_batches(arrays, batch_size):
+  splits = arrays if isinstance(arrays, list) else [arrays]
+  for batch in (b for split in splits for b in pipeline.eval_batches(split, batch_size)):
     sums, predictions = evaluate(state, _device_batch(batch, mesh))
     totals = metrics.accumulate(totals, sums)
     for name, evaluator in hosted.items():
@@ -328,22 +412,41 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   exp = build(cfg)
   trainer = make_trainer(cfg, exp, mesh)
   resume_step = check_workdir(cfg, workdir)
-  with _building("dataset.augment"):
-    transform = augment.compose(cfg.dataset.get("augment", ()))
+  entries = config_lib.dataset_entries(cfg)
+  transforms = []
+  for entry in entries.values():
+    with _building(f"{entry['field']}.augment"):
+      transforms.append(augment.compose(entry["augment"]))
+  transform = transforms[0]
+  several = config_lib.several_datasets(cfg)
   with _building("dataset.loader"):
     if cfg.dataset.get("loader", "threads") not in pipeline.LOADERS:
       raise ValueError(f"got {cfg.dataset.loader!r}, allowed: {list(pipeline.LOADERS)}")
+    if several and cfg.dataset.get("loader", "threads") != "threads":
+      raise ValueError(f"got {cfg.dataset.loader!r}; several datasets (config.datasets) are "
+                       "read by the 'threads' loader (config.dataset.num_workers threads)")
     if cfg.dataset.get("loader", "threads") != "threads":
       pipeline.grain_module()
-  train_arrays = load_data(cfg, "train", exp.label_keys)
-  val_arrays = load_data(cfg, "validation", exp.label_keys)
   data_kw = dict(seed=cfg.seed, batch_size=cfg.batch_size, transform=transform,
                  process_index=jax.process_index(), process_count=jax.process_count())
-  try:
-    tasks_lib.check_batch(exp.tasks, pipeline.train_batch(train_arrays, step=0, **data_kw),
-                          cfg.dataset.image_size, cfg.batch_size)
-  except ValueError as e:
-    raise UserError(f"dataset {cfg.dataset.name!r}: {e}") from None
+  if several and cfg.weighting.name in MASKED_STEP_VANISHES:
+    warn(f"config.weighting.name: {cfg.weighting.name!r} puts (almost) all its weight on a "
+         "task masked out of a step (loss 0, zero gradient), so the shared parameters barely "
+         "move on the steps whose dataset does not label every task "
+         "(benchmarks/results/masked_task.md)")
+  if several:   # a Mixture per split; evaluation over each dataset, its unlabelled tasks masked
+    mix = load_mixture(cfg, "train", exp, transforms)
+    val_mix = load_mixture(cfg, "validation", exp, transforms)
+    check_mixture(mix, cfg, exp)
+    train_arrays, val_arrays = None, val_mix.labelled()
+  else:
+    train_arrays = load_data(cfg, "train", exp.label_keys)
+    val_arrays = load_data(cfg, "validation", exp.label_keys)
+    try:
+      tasks_lib.check_batch(exp.tasks, pipeline.train_batch(train_arrays, step=0, **data_kw),
+                            cfg.dataset.image_size, cfg.batch_size)
+    except ValueError as e:
+      raise UserError(f"dataset {cfg.dataset.name!r}: {e}") from None
   try:
     os.makedirs(workdir, exist_ok=True)
     if _primary():
@@ -362,7 +465,14 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
       _rewind_log(log_path, saved)
   elif os.path.exists(log_path) and _primary():
     os.remove(log_path)
-  if exp.method.level == "meta":
+  if exp.method.level == "meta" and several:
+    meta_mix = mix if cfg.meta_split == "train" else val_mix
+
+    def train_step(state, batch, step):  # the meta batch: an independent draw (seed + 1)
+      meta_batch = mixture_batch(meta_mix, cfg, step, cfg.seed + 1)
+      return trainer.step(state, batch, step_lib.shard_batch(meta_batch, mesh),
+                          phase=trainer.phase(step))
+  elif exp.method.level == "meta":
     meta_arrays = train_arrays if cfg.meta_split == "train" else val_arrays
 
     def train_step(state, batch, step):  # the meta batch: an independent draw (seed + 1)
@@ -377,11 +487,18 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   names = tuple(exp.tasks)
   mngr = checkpoint.manager(ckpt_dir, cfg.keep_checkpoints)
   board = _tensorboard(cfg, workdir, names)
-  show = _prediction_shower(cfg, exp, workdir, val_arrays, board)
+  show = _prediction_shower(cfg, exp, workdir, val_mix.datasets[0][0] if several else val_arrays,
+                            board)
+  mix_kw = dict(batch_size=cfg.batch_size, seed=cfg.seed, sampler=cfg.get(
+      "dataset_sampler", "proportional"), num_steps=cfg.num_steps,
+      process_count=jax.process_count())
 
   def save():
-    position = pipeline.position(int(state.step), pipeline.size(train_arrays), cfg.batch_size,
-                                 cfg.seed, jax.process_count())
+    if several:   # every dataset's position
+      position = mixing.position(mix.steps, int(state.step), mix.sizes(), **mix_kw)
+    else:
+      position = pipeline.position(int(state.step), pipeline.size(train_arrays), cfg.batch_size,
+                                   cfg.seed, jax.process_count())
     checkpoint.save(mngr, state, {"config": config_lib.identity(cfg), "data_position": position,
                                   "seed": cfg.seed})
 
@@ -389,8 +506,14 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   if resume_step is not None:   # continue from the saved pipeline position
     saved_position = checkpoint.read_metadata(ckpt_dir, first).get("data_position", {})
     try:
-      start = pipeline.resume_step(saved_position, pipeline.size(train_arrays), cfg.batch_size,
-                                   cfg.seed, jax.process_count()) if saved_position else first
+      if several and saved_position:
+        start = mixing.resume_step(saved_position, mix.steps, mix.sizes(), **mix_kw)
+      elif several:
+        start = first
+      else:
+        start = pipeline.resume_step(saved_position, pipeline.size(train_arrays),
+                                     cfg.batch_size, cfg.seed, jax.process_count()
+                                     ) if saved_position else first
     except ValueError as e:
       raise UserError(f"--workdir: {e}; use another --workdir") from None
     if start != first:
@@ -401,10 +524,14 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   skipped = None
   try:
     with open(log_path if _primary() else os.devnull, "a") as log:
-      for step, batch in pipeline.batches(train_arrays, start=first, stop=last,
-                                          num_workers=cfg.dataset.get("num_workers", 0),
-                                          loader=cfg.dataset.get("loader", "threads"),
-                                          **data_kw):
+      if several:
+        stream = pipeline.read_ahead(functools.partial(mixture_batch, mix, cfg, seed=cfg.seed),
+                                     first, last, num_workers=cfg.dataset.get("num_workers", 0))
+      else:
+        stream = pipeline.batches(train_arrays, start=first, stop=last,
+                                  num_workers=cfg.dataset.get("num_workers", 0),
+                                  loader=cfg.dataset.get("loader", "threads"), **data_kw)
+      for step, batch in stream:
         state, step_metrics = train_step(state, step_lib.shard_batch(batch, mesh), step)
         done = step + 1
         logs = cfg.log_every and (done % cfg.log_every == 0 or done == cfg.num_steps)
@@ -485,10 +612,11 @@ def _prediction_shower(cfg, exp, workdir, val_arrays, board=None):
   if n <= 0:
     return lambda state, step: None
   model, tasks = exp.model, exp.tasks
-  info = data.dataset_info(cfg.dataset.name)["tasks"]
+  info = config_lib.task_options(cfg)
   size = tuple(cfg.dataset.image_size)
   targets = {name: val_arrays[next(iter(task.label_spec(size)))][:n]
-             for name, task in tasks.items() if next(iter(task.label_spec(size))) in val_arrays}
+             for name, task in tasks.items() if next(iter(task.label_spec(size))) in val_arrays
+             and np.any(val_arrays.get(f"{name}_mask", np.ones(n))[:n])}  # not masked out
   images = val_arrays["image"][:n]
 
   @jax.jit
@@ -513,9 +641,14 @@ def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None, board=None,
            show=None) -> dict:
   """Evaluates on validation and test; writes results.json, results.md, curves.png, the
   relation heatmaps (relations.png, when the log has matrices) and the last prediction grid."""
-  if val_arrays is None:
-    val_arrays = load_data(cfg, "validation", exp.label_keys)
-  test_arrays = load_data(cfg, "test", exp.label_keys)
+  if config_lib.several_datasets(cfg):
+    if val_arrays is None:
+      val_arrays = load_mixture(cfg, "validation", exp).labelled()
+    test_arrays = load_mixture(cfg, "test", exp).labelled()
+  else:
+    if val_arrays is None:
+      val_arrays = load_data(cfg, "validation", exp.label_keys)
+    test_arrays = load_data(cfg, "test", exp.label_keys)
   baselines = {t: dict(m) for t, m in cfg.baselines.items()}
   out, tables = {"step": int(state.step), "baselines": baselines}, []
   for split, arrays in (("validation", val_arrays), ("test", test_arrays)):
@@ -538,7 +671,8 @@ def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None, board=None,
   plot_curves(log_path, os.path.join(workdir, "curves.png"),
               {"step": int(state.step), **_flat(out["validation"]["metrics"], "validation")})
   figures.relation_heatmaps(log_path, os.path.join(workdir, "relations.png"), tuple(exp.tasks))
-  (show or _prediction_shower(cfg, exp, workdir, val_arrays, board))(state, int(state.step))
+  (show or _prediction_shower(cfg, exp, workdir, val_arrays[0] if isinstance(
+      val_arrays, list) else val_arrays, board))(state, int(state.step))
   if board:
     board.scalars(_flat(out["validation"]["metrics"], "final/validation"), int(state.step))
   return out

@@ -71,3 +71,35 @@ def test_partial_labels_are_masked_out_of_loss_and_metrics():
     first = seen[k][:n - n % 4]
     assert len(set(first)) == len(first)
   assert seen[0] and seen[1]
+
+
+def test_plan_read_ahead_and_every_datasets_position():
+  sizes = [8, 12]
+  steps = mixing.plan(sizes, "annealed", seed=2, stop=40, num_steps=40)
+  for k in range(2):   # the n-th draw of dataset k reads its n-th batch
+    np.testing.assert_array_equal(steps.draw[steps.schedule == k],
+                                  np.arange(np.sum(steps.schedule == k)))
+  # annealed, vectorized over steps: each step's probabilities as probabilities() gives them
+  np.testing.assert_allclose(mixing.probabilities(sizes, "annealed", np.arange(40), 40)[17],
+                             mixing.probabilities(sizes, "annealed", 17, 40))
+  seg, depth = tasks.get("segmentation", num_classes=3), tasks.get("depth")
+  specs = {"segmentation": seg.label_spec(HW), "depth": depth.label_spec(HW)}
+  datasets = [(_data(8, 0, ("segmentation",)), ("segmentation",)),
+              (sources.array_source(_data(12, 100, ("depth",))), ("depth",))]
+  kw = dict(seed=2, start=5, stop=40, batch_size=4, sampler="annealed", num_steps=40,
+            label_specs=specs)
+  ahead = list(mixing.batches(datasets, num_workers=2, **kw))
+  for (s, a), (t, b) in zip(mixing.batches(datasets, **kw), ahead, strict=True):
+    assert s == t and a.keys() == b.keys()
+    assert all(np.array_equal(a[key], b[key]) for key in a)
+  # The position of every dataset, and a changed one refused.
+  named = {"a": 8, "b": 12}
+  pos = mixing.position(steps, 23, named, batch_size=4, seed=2, sampler="annealed", num_steps=40)
+  assert pos["datasets"]["a"]["draws"] + pos["datasets"]["b"]["draws"] == 23
+  assert pos["datasets"]["b"]["epoch"] == pos["datasets"]["b"]["draws"] // 3
+  kw = dict(batch_size=4, seed=2, sampler="annealed", num_steps=40)
+  assert mixing.resume_step(pos, steps, named, **kw) == 23
+  with pytest.raises(ValueError, match=r"datasets.b.num_examples saved 12, now 16"):
+    mixing.resume_step(pos, steps, {"a": 8, "b": 16}, **kw)
+  with pytest.raises(ValueError, match=r"sampler saved annealed, now uniform"):
+    mixing.resume_step(pos, steps, named, **{**kw, "sampler": "uniform"})

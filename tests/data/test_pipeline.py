@@ -135,3 +135,15 @@ def test_grain_reads_the_same_batches():
       np.testing.assert_array_equal(a[k], b[k])
   with pytest.raises(ValueError, match=r"loader: got 'tf.data', allowed: \['threads', 'grain'"):
     next(pipeline.batches(src, loader="tf.data", **kw))
+
+
+def test_grain_worker_processes_read_the_same_batches():
+  # One worker process (spawned: it imports mtjax and this module), three augmented batches.
+  src = _source(10)
+  kw = dict(seed=5, start=2, stop=5, batch_size=4, transform=augment.compose(("hflip",)))
+  got = list(pipeline.batches(src, loader="grain_processes", num_workers=1, **kw))
+  assert [s for s, _ in got] == [2, 3, 4]
+  for (_, a), (_, b) in zip(pipeline.batches(src, **kw), got, strict=True):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
