@@ -1,9 +1,21 @@
-"""Test-wide settings: 8 CPU devices for the data-parallel tests, float32 matmuls exact."""
+"""Test-wide settings: 8 CPU devices for the data-parallel tests, float32 matmuls exact, and one
+persistent compilation cache for the session.
+
+The cache (JAX's own, keyed by the compiled module, the flags and the JAX version, so an entry of
+other code is never reused) is shared by both xdist workers and by the ``python -m mtjax.cli``
+processes the CLI and fault tests start: the same tiny step, built by many tests, is compiled
+once. The compile-count test still sees one ``backend_compile`` event per function (JAX records
+it for a cache hit too). ``JAX_COMPILATION_CACHE_DIR=`` (empty) in the environment turns it off.
+"""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "mtjax-tests-jax-cache"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
 
 import jax  # noqa: E402
 
