@@ -5,7 +5,9 @@ image, next to the ground truth, for the first validation images.
         --workdir workdirs/det_seg --out workdirs/det_seg/predictions.png
 
 Restores the newest checkpoint of ``--workdir`` (written by ``mtjax train`` with the same
-config). Until the general prediction grid of the loop draws detection panels, this script does.
+config). It made ``experiments/results/det_seg/predictions_ew.png``, before the loop's own
+prediction grid drew detections: now every run writes ``predictions/step_<N>.png`` with the
+same boxes and segmentation (``config.prediction_images``), and ``mtjax eval`` redraws it.
 """
 
 import argparse

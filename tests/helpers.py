@@ -45,16 +45,30 @@ def tiny_trainer(method, grad_level="parameter", devices=None, task_names=TASKS,
   return trainer, trainer.init(jax.random.PRNGKey(0)), mesh
 
 
-def tiny_config(data_dir, **overrides):
-  """The default experiment shrunk to seconds: 32×32 images, a few dozen examples."""
+def _config_module(name):
   import importlib.util
   import pathlib
 
-  path = pathlib.Path(__file__).parents[1] / "experiments" / "configs" / "shapes.py"
-  spec = importlib.util.spec_from_file_location("shapes_config", path)
+  path = pathlib.Path(__file__).parents[1] / "experiments" / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"{name}_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  cfg = module.get_config(overrides.pop("method", None))
+  return module
+
+
+def _override(cfg, overrides):
+  for key, value in overrides.items():
+    target = cfg
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return cfg
+
+
+def tiny_config(data_dir, **overrides):
+  """The default experiment shrunk to seconds: 32×32 images, a few dozen examples."""
+  cfg = _config_module("shapes").get_config(overrides.pop("method", None))
   cfg.dataset.image_size = (32, 32)
   cfg.dataset.data_dir = str(data_dir)
   cfg.dataset.split_sizes = ml_collections.ConfigDict({"train": 32, "validation": 8, "test": 8})
@@ -67,13 +81,25 @@ def tiny_config(data_dir, **overrides):
   cfg.eval_every = 3
   cfg.checkpoint_every = 2
   cfg.prediction_images = 0  # the prediction grids cost a compile: tests ask for them
-  for key, value in overrides.items():
-    target = cfg
-    *path, last = key.split(".")
-    for part in path:
-      target = target[part]
-    target[last] = value
-  return cfg
+  return _override(cfg, overrides)
+
+
+def tiny_det_seg_config(data_dir, **overrides):
+  """``experiments/configs/det_seg.py`` shrunk: 32×32 images, 8 training examples, width 8."""
+  cfg = _config_module("det_seg").get_config(overrides.pop("method", None))
+  cfg.dataset.image_size = (32, 32)
+  cfg.dataset.data_dir = str(data_dir)
+  cfg.dataset.split_sizes = ml_collections.ConfigDict({"train": 8, "validation": 4, "test": 4})
+  cfg.model.width = 8
+  cfg.model.head_hidden = 8
+  cfg.batch_size = 8
+  cfg.eval_batch_size = 8
+  cfg.num_steps = 2
+  cfg.log_every = 1
+  cfg.checkpoint_every = 0
+  cfg.optimizer.warmup_steps = 1
+  cfg.baselines = ml_collections.ConfigDict()
+  return _override(cfg, overrides)
 
 
 def read_log(workdir):
@@ -97,3 +123,33 @@ def restore_latest(workdir):
   ckpt = os.path.join(workdir, "checkpoints")
   step = checkpoint.latest_step(ckpt)
   return step, ocp.StandardCheckpointer().restore(os.path.join(ckpt, str(step), "state"))
+
+
+def host_variables(model, image_shape, seed=0):
+  """``{"params", "batch_stats"}`` of ``model`` drawn on the host, without compiling anything
+  (flax's ``init`` of the det_seg model, eager or jitted, costs ≈ 10–40 s on the 2-core CPU):
+  the shapes from ``jax.eval_shape``; kernels He-normal (``sqrt(2 / fan_in)``), BatchNorm and
+  GroupNorm scales and FCOS's level scales 1, biases 0, running means 0 and variances 1."""
+  import flax.traverse_util as traverse
+  import jax.numpy as jnp
+
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros((1, *image_shape)), train=False))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1]
+    if leaf.ndim >= 2:
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      value = rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in)
+    elif name in ("bias", "mean"):
+      value = np.zeros(leaf.shape)
+    else:  # scale, var, the FCOS level scales
+      value = np.ones(leaf.shape)
+    return jnp.asarray(value.astype(leaf.dtype))
+
+  def fill(tree):
+    flat = traverse.flatten_dict(dict(tree))
+    return traverse.unflatten_dict({p: draw(p, leaf) for p, leaf in flat.items()})
+
+  return {"params": fill(shapes["params"]), "batch_stats": fill(shapes.get("batch_stats", {}))}

@@ -2,9 +2,16 @@
 
     mtjax train --config experiments/configs/det_seg.py --workdir workdirs/det_seg
     mtjax train --config experiments/configs/det_seg.py:pcgrad --workdir workdirs/det_seg_pcgrad
-    mtjax train --config experiments/configs/det_seg.py:gpu,ew --workdir workdirs/det_seg_gpu \
-        --config.model.pretrained=resnet50.safetensors
     # single-task rows: --config.tasks='("segmentation",)'  or  '("detection",)'
+
+ResNet-50 at 512×512 on one GPU (the image with jax 0.11.2; not run yet), from a checkout:
+
+    pip install -e ".[detection,torch]"     # faster-coco-eval, safetensors; torch reads .pth
+    mtjax train --config experiments/configs/det_seg.py:gpu,ew --workdir workdirs/det_seg_r50 \
+        --config.model.pretrained=resnet50-0676ba61.pth --config.model.frozen_bn=True
+
+(``resnet50-0676ba61.pth``: torchvision's ``ResNet50_Weights.IMAGENET1K_V1`` file, or the same
+tensors as ``.safetensors``, which needs no torch; another method: ``det_seg.py:gpu,pcgrad``.)
 
 The argument after ``:`` is a comma-separated list: a weighting method (default ``ew``) and
 optionally ``gpu``. The CPU default is a small ResNet (``resnet_tiny``, width 16, 3×3/2 stem) on
@@ -13,6 +20,9 @@ segmentation head. ``gpu``: ResNet-50 with the ImageNet stem at 512×512, the py
 (strides 8, 16, 32), batch 32 — with ``config.model.pretrained`` pointing at torchvision's
 ImageNet weights (``.pth`` or ``.safetensors``), optionally ``config.model.frozen_bn=True``.
 The embedded dataset is rendered at that size on first use (not timed at 512×512 yet).
+Each evaluation, and the end of the run, writes ``predictions/step_<N>.png``: the first
+``prediction_images`` validation images with the ground-truth and predicted boxes (class,
+score) over the image and its segmentation.
 """
 
 import ml_collections
@@ -53,6 +63,7 @@ def get_config(arg=None):
   config.checkpoint_every = 500
   config.keep_checkpoints = 1
   config.eval_batch_size = 64 if gpu else 100
+  config.prediction_images = 4
   # Single-task rows of this CPU config (validation, 800 steps, seed 0:
   # experiments/results/det_seg/), the reference of Δm%; none for the gpu variant.
   config.baselines = ml_collections.ConfigDict() if gpu else ml_collections.ConfigDict({

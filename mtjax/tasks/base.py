@@ -20,11 +20,15 @@ class Evaluator(NamedTuple):
 
   ``update(state, predictions, batch)`` receives numpy arrays: ``predict_fn``'s output and the
   host batch (with its ``mask`` of padded examples); ``result(state) -> {metric: float}``.
+  ``check()`` (optional) raises ImportError, naming the package and how to install it, when a
+  library the evaluator needs is missing: ``loop.build`` calls it, so a run fails before
+  training rather than at its first evaluation.
   """
 
   init: Callable[[], Any]
   update: Callable[[Any, Any, Mapping[str, np.ndarray]], Any]
   result: Callable[[Any], dict[str, float]]
+  check: Callable[[], None] | None = None
 
 
 class Task(NamedTuple):

@@ -300,27 +300,37 @@ def coco_update(state, predictions, batch):
   return state
 
 
+def coco_library():
+  """The ``faster_coco_eval`` module, or an ImportError naming it and the extra that installs it
+  (the evaluator's ``check``: ``loop.build`` calls it before anything is compiled)."""
+  try:
+    import faster_coco_eval
+  except ImportError as e:
+    raise ImportError(
+        "the detection task's COCO metrics (AP, AP50, AP75, AR) need the package "
+        "faster-coco-eval, which is not installed: pip install -e \".[detection]\" in a "
+        "checkout of mtjax (or pip install 'mtjax[detection]')") from e
+  return faster_coco_eval
+
+
 def coco_result(state, num_classes: int) -> dict[str, float]:
   """COCO AP (IoU .50:.95), AP50, AP75 and AR (100 detections) by ``faster-coco-eval``.
 
   No ground-truth object in the split: NaN. No detection: 0.
   """
-  try:
-    from faster_coco_eval import COCO, COCOeval_faster
-  except ImportError as e:
-    raise ImportError("the detection task's COCO metrics need faster-coco-eval: "
-                      "pip install 'mtjax[detection]'") from e
+  coco = coco_library()
   images, annotations, detections = state
   names = ("ap", "ap50", "ap75", "ar")
   if not annotations:
     return dict.fromkeys(names, float("nan"))
   if not detections:
     return dict.fromkeys(names, 0.0)
-  gt = COCO()
+  gt = coco.COCO()
   gt.dataset = {"images": images, "annotations": annotations,
                 "categories": [{"id": c} for c in range(1, num_classes + 1)]}
   gt.createIndex()
-  evaluation = COCOeval_faster(gt, gt.loadRes(detections), "bbox", print_function=lambda *a: None)
+  evaluation = coco.COCOeval_faster(gt, gt.loadRes(detections), "bbox",
+                                    print_function=lambda *a: None)
   evaluation.evaluate()
   evaluation.accumulate()
   evaluation.summarize()
@@ -332,7 +342,8 @@ def coco_result(state, num_classes: int) -> dict[str, float]:
 def evaluator(num_classes: int) -> Evaluator:
   """COCO metrics over a split, fed with :func:`predict_fn`'s output and the host batches."""
   return Evaluator(init=lambda: ([], [], []), update=coco_update,
-                   result=functools.partial(coco_result, num_classes=num_classes))
+                   result=functools.partial(coco_result, num_classes=num_classes),
+                   check=coco_library)
 
 
 def task(num_classes: int | None = None, max_boxes: int | None = None,

@@ -2,7 +2,9 @@
 
 * :func:`prediction_grid`: a few validation images, each task's ground truth and prediction
   side by side (segmentation as class colours, a scalar map such as depth in one colour scale
-  shared by target and prediction, a 3-vector map such as normals as RGB ``(n + 1) / 2``).
+  shared by target and prediction, a 3-vector map such as normals as RGB ``(n + 1) / 2``;
+  detection as boxes labelled with class (and score) over the image, with the segmentation
+  blended in when the run has one: :mod:`mtjax.tasks.detection_plot`).
 * :func:`plot_curves`: training losses, task weights, the gradient-conflict fraction, and one
   panel per validation metric.
 * :func:`relation_heatmaps`: every (T, T) matrix of the log (``conflict/cosine``,
@@ -13,6 +15,7 @@
 
 import json
 import os
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -67,17 +70,55 @@ def map_kind(prediction) -> str | None:
   return None
 
 
-def grid_image(images, targets: dict, predictions: dict, num_classes: dict) -> np.ndarray:
+def is_detection(prediction) -> bool:
+  """Whether a task's predictions are detections: a mapping with ``boxes`` (the detection
+  task's ``predict_fn``: ``boxes``, ``classes``, ``scores``, ``valid``)."""
+  return isinstance(prediction, Mapping) and "boxes" in prediction
+
+
+def _shown(targets: dict, predictions: dict) -> list[tuple[str, str]]:
+  """``(task, kind)`` of the tasks the grid shows, in order: maps (``classes``, ``scalar``,
+  ``vector``) and ``detection``; tasks without a target or of another output are left out."""
+  shown = []
+  for name, pred in predictions.items():
+    kind = "detection" if is_detection(pred) else map_kind(pred[0])
+    if kind is not None and name in targets:
+      shown.append((name, kind))
+  return shown
+
+
+def overlay(image, segmentation, num_classes: int) -> np.ndarray:
+  """``image`` (H, W, 3) in [0, 1] with the class colours of ``segmentation`` (H, W) blended
+  over it where the class is not the background (0) nor ignored; ``image`` if None."""
+  image = np.asarray(image, np.float32)
+  if segmentation is None or num_classes < 2:
+    return image
+  labels = np.asarray(segmentation).astype(np.int64)
+  colours = _palette(num_classes)[np.clip(labels, 0, num_classes - 1)]
+  shown = ((labels > 0) & (labels < num_classes))[..., None]
+  return np.where(shown, 0.55 * image + 0.45 * colours, image)
+
+
+def grid_image(images, targets: dict, predictions: dict, num_classes: dict,
+               segmentation: str = "segmentation") -> np.ndarray:
   """The prediction grid as one (rows·H, cols·W, 3) array: a row per example, the image then
-  each map task's target and prediction (tasks whose outputs are not maps are left out)."""
+  each shown task's target and prediction (tasks whose outputs are not maps or detections are
+  left out). A detection task's two cells are the image with the ``segmentation`` task's
+  target and prediction blended over it (the plain image without that task); its boxes are
+  drawn by :func:`prediction_grid`."""
   images = np.asarray(images, np.float32)
   lo, hi = float(images.min()), float(images.max())
+  shown = _shown(targets, predictions)
   rows = []
   for n in range(images.shape[0]):
-    cells = [(images[n] - lo) / max(hi - lo, 1e-8)]
-    for name, pred in predictions.items():
-      kind = map_kind(pred[n])
-      if kind is None or name not in targets:
+    image = (images[n] - lo) / max(hi - lo, 1e-8)
+    cells = [image]
+    for name, kind in shown:
+      pred = predictions[name]
+      if kind == "detection":
+        k = num_classes.get(segmentation, 0)
+        for seg in (targets.get(segmentation), predictions.get(segmentation)):
+          cells.append(overlay(image, None if seg is None else seg[n], k))
         continue
       target = np.asarray(targets[name][n])
       if kind == "vector" or kind == "classes":
@@ -94,18 +135,39 @@ def grid_image(images, targets: dict, predictions: dict, num_classes: dict) -> n
 
 
 def prediction_grid(path: str, images, targets: dict, predictions: dict, num_classes: dict,
-                    title: str = "") -> np.ndarray:
-  """Writes the grid of :func:`grid_image` to ``path`` with column titles; returns the array."""
+                    title: str = "", class_names: dict | None = None) -> np.ndarray:
+  """Writes the grid of :func:`grid_image` to ``path`` with column titles, and each detection
+  task's boxes on its cells (ground truth: ``targets[task]`` ``{"boxes", "box_classes"}``;
+  prediction: ``class score`` of the detections scoring at least 0.3); returns the written
+  image as an (H, W, 3) array in [0, 1]. ``class_names``: ``{task: names}``, ``names[c]`` the
+  name of class ``c`` (default: the class id)."""
+  from mtjax.tasks import detection_plot
+
   plt = _pyplot()
   grid = grid_image(images, targets, predictions, num_classes)
-  columns = ["image"] + [f"{name} {which}" for name, pred in predictions.items()
-                         if map_kind(pred[0]) is not None and name in targets
+  shown = _shown(targets, predictions)
+  columns = ["image"] + [f"{name} {which}" for name, _ in shown
                          for which in ("target", "prediction")]
   height, width = np.asarray(images).shape[1:3]
   scale = 1.6 / max(height, width)  # inches per pixel: 1.6 inch a cell
   fig, ax = plt.subplots(figsize=(max(grid.shape[1] * scale, 4),
                                   grid.shape[0] * scale + 0.6))
   ax.imshow(grid, interpolation="nearest")
+  for col, (name, kind) in enumerate(shown):
+    if kind != "detection":
+      continue
+    names = (class_names or {}).get(name)
+    truth, pred = targets[name], predictions[name]
+    for n in range(grid.shape[0] // height):
+      at = n * height
+      detection_plot.draw_boxes(ax, truth["boxes"][n], truth["box_classes"][n],
+                                (height, width), class_names=names,
+                                offset=(at, (2 * col + 1) * width))
+      detection_plot.draw_boxes(ax, pred["boxes"][n], pred["classes"][n], (height, width),
+                                scores=pred["scores"][n], valid=pred["valid"][n],
+                                class_names=names, offset=(at, (2 * col + 2) * width))
+  ax.set_xlim(-0.5, grid.shape[1] - 0.5)   # labels near an edge do not widen the axes
+  ax.set_ylim(grid.shape[0] - 0.5, -0.5)
   ax.set_xticks([(i + 0.5) * width for i in range(len(columns))])
   ax.set_xticklabels(columns, fontsize=7, rotation=20)
   ax.xaxis.tick_top()
@@ -114,8 +176,10 @@ def prediction_grid(path: str, images, targets: dict, predictions: dict, num_cla
     ax.set_xlabel(title)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
+  fig.canvas.draw()
+  pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(np.float32) / 255.0
   plt.close(fig)
-  return grid
+  return pixels
 
 
 def read_log(log_path: str) -> list[dict]:

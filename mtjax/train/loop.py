@@ -25,6 +25,7 @@ from mtjax import tasks as tasks_lib
 from mtjax.data import augment, mixing, pipeline
 from mtjax.errors import RunError, UserError
 from mtjax.models import labels, pretrained
+from mtjax.tasks import detection_plot
 from mtjax.train import figures, optim, strategies
 from mtjax.train import step as step_lib
 from mtjax.train import trainer as trainer_lib
@@ -57,6 +58,7 @@ def build(cfg) -> Experiment:
   """Model, tasks, weighting method and optimizer of a config; each builder checks its fields."""
   options = config_lib.task_options(cfg)
   tasks = {name: tasks_lib.get(name, **options[name]) for name in cfg.tasks}
+  check_evaluators(tasks)
   with _building():
     model = models.build(cfg.model.backbone, tasks, **config_lib.model_kwargs(cfg))
   if cfg.model.get("pretrained", ""):
@@ -78,6 +80,18 @@ def build(cfg) -> Experiment:
   label_keys = tuple(dict.fromkeys(k for task in tasks.values()
                                    for k in tasks_lib.label_keys(task)))
   return Experiment(model, tasks, method, optimizer, schedule, label_keys)
+
+
+def check_evaluators(tasks) -> None:
+  """Raises a :class:`UserError` of ``config.tasks`` when a task's host-side evaluator misses
+  its library (the detection task's faster-coco-eval): before training, not at the first
+  evaluation."""
+  for name, task in tasks.items():
+    if task.evaluator is not None and task.evaluator.check is not None:
+      try:
+        task.evaluator.check()
+      except ImportError as e:
+        raise UserError(f"config.tasks: task {name!r}: {e}") from None
 
 
 def optimizer_config(cfg):
@@ -606,7 +620,8 @@ def _tensorboard(cfg, workdir, names):
 
 def _prediction_shower(cfg, exp, workdir, val_arrays, board=None):
   """``show(state, step)``: writes ``predictions/step_<step>.png`` (the first
-  ``config.prediction_images`` validation examples, each task's target and prediction; see
+  ``config.prediction_images`` validation examples, each task's target and prediction, a
+  detection task's boxes with class and score; see
   :func:`mtjax.train.figures.prediction_grid`) and adds it to TensorBoard; a no-op at 0."""
   n = min(cfg.get("prediction_images", 0), len(val_arrays["image"]))
   if n <= 0:
@@ -614,9 +629,20 @@ def _prediction_shower(cfg, exp, workdir, val_arrays, board=None):
   model, tasks = exp.model, exp.tasks
   info = config_lib.task_options(cfg)
   size = tuple(cfg.dataset.image_size)
-  targets = {name: val_arrays[next(iter(task.label_spec(size)))][:n]
-             for name, task in tasks.items() if next(iter(task.label_spec(size))) in val_arrays
-             and np.any(val_arrays.get(f"{name}_mask", np.ones(n))[:n])}  # not masked out
+  targets = {}
+  for name, task in tasks.items():
+    if not np.any(val_arrays.get(f"{name}_mask", np.ones(n))[:n]):
+      continue  # masked out of these examples (several datasets)
+    keys = [k for k in task.label_spec(size) if k in val_arrays]
+    if "boxes" in keys:   # detection: the boxes and their classes
+      targets[name] = {k: val_arrays[k][:n] for k in keys}
+    elif keys and keys[0] == next(iter(task.label_spec(size))):
+      targets[name] = val_arrays[keys[0]][:n]
+  labelled_by = {task: entry["name"] for entry in reversed(config_lib.dataset_entries(cfg).values())
+                 for task in entry["tasks"]}
+  class_names = {name: detection_plot.class_names_of(
+      data.dataset_info(labelled_by[name])["class_names"], info[name].get("num_classes", 0))
+      for name in tasks if isinstance(targets.get(name), dict)}
   images = val_arrays["image"][:n]
 
   @jax.jit
@@ -631,7 +657,7 @@ def _prediction_shower(cfg, exp, workdir, val_arrays, board=None):
     grid = figures.prediction_grid(
         os.path.join(folder, f"step_{step}.png"), images, targets, predictions,
         {name: info[name].get("num_classes", 0) or 0 for name in tasks},
-        title=f"validation examples, step {step}")
+        title=f"validation examples, step {step}", class_names=class_names)
     if board:
       board.image("predictions", grid, step)
   return show

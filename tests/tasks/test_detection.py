@@ -12,7 +12,7 @@ from mtjax.models import build
 from mtjax.tasks import box_ops, detection
 from mtjax.train.step import make_mesh, replicate, shard_batch
 from mtjax.train.trainer import make_trainer
-from tests.helpers import tiny_tasks
+from tests.helpers import host_variables, tiny_det_seg_config, tiny_tasks
 
 SIZE = 32
 
@@ -174,3 +174,66 @@ def test_coco_ap_of_ground_truth_and_shifted_boxes():
   state = evaluator.update(evaluator.init(), wrong, masked)
   assert evaluator.result(state)["ap50"] == pytest.approx(1.0)
 
+
+
+@pytest.fixture(scope="module")
+def det_seg_data(tmp_path_factory):
+  return tmp_path_factory.mktemp("tfds")
+
+
+def test_missing_evaluator_package_fails_at_build(det_seg_data, tmp_path, monkeypatch):
+  """Without faster-coco-eval, a detection run fails at ``loop.build`` (before any data,
+  compilation or training) naming the package and the extra; a run without detection builds."""
+  import sys
+
+  from mtjax.errors import UserError
+  from mtjax.train import loop
+  monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # `import` raises ImportError
+  cfg = tiny_det_seg_config(det_seg_data)
+  message = (r"config\.tasks: task 'detection': .*faster-coco-eval, which is not installed: "
+             r"pip install -e \"\.\[detection\]\"")
+  with pytest.raises(UserError, match=message):
+    loop.build(cfg)
+  with pytest.raises(UserError, match=message):
+    loop.train(cfg, str(tmp_path / "run"), progress=False)
+  assert not (tmp_path / "run").exists()
+  with pytest.raises(ImportError, match="faster-coco-eval"):  # the evaluator itself says so too
+    detection.evaluator(4).result(([{"id": 1}], [{"id": 1}], [{"id": 1}]))
+  loop.build(tiny_det_seg_config(det_seg_data, tasks=("segmentation",)))
+
+
+def test_loop_prediction_png_draws_the_boxes(det_seg_data, tmp_path, monkeypatch):
+  """The loop's evaluation PNG of det_seg: the ground-truth boxes of each validation image
+  (with the dataset's class names) and the detections, over the image and segmentation."""
+  import types
+
+  from mtjax.data import dataset_info
+  from mtjax.tasks import detection_plot
+  from mtjax.train import loop
+  cfg = tiny_det_seg_config(det_seg_data, prediction_images=2)
+  exp = loop.build(cfg)
+  val = loop.load_data(cfg, "validation", exp.label_keys)
+  calls = []
+  draw = detection_plot.draw_boxes
+
+  def spy(ax, boxes, classes, size, **kwargs):
+    calls.append((np.asarray(classes), kwargs, draw(ax, boxes, classes, size, **kwargs)))
+    return calls[-1][-1]
+
+  monkeypatch.setattr(detection_plot, "draw_boxes", spy)
+  variables = host_variables(exp.model, (SIZE, SIZE, 3))
+  state = types.SimpleNamespace(params=variables["params"],
+                                batch_stats=variables.get("batch_stats", {}))
+  loop._prediction_shower(cfg, exp, str(tmp_path), val)(state, 7)
+  assert (tmp_path / "predictions" / "step_7.png").stat().st_size > 0
+  truth, predicted = calls[0::2], calls[1::2]
+  assert len(truth) == len(predicted) == 2    # one of each per image
+  for n, (classes, kwargs, drawn) in enumerate(truth):
+    np.testing.assert_array_equal(classes, val["box_classes"][n])
+    assert drawn == np.count_nonzero(val["box_classes"][n]) > 0
+    assert kwargs["class_names"] == dataset_info("shapes")["class_names"]
+    # Columns: image, detection target, detection prediction, segmentation target, prediction.
+    assert kwargs["offset"] == (n * SIZE, SIZE)
+  for n, (classes, kwargs, _) in enumerate(predicted):
+    assert classes.shape == (detection.MAX_DETECTIONS,) and "scores" in kwargs
+    assert kwargs["offset"] == (n * SIZE, 2 * SIZE)

@@ -29,6 +29,57 @@ def test_grid_puts_each_task_target_next_to_its_prediction():
   assert np.all(cell(0, 1)[seg[0] == 0] == 0)  # the background class is black
 
 
+
+def test_grid_draws_detections_over_the_segmentation(tmp_path, monkeypatch):
+  """A detection task's cells: the image with the segmentation blended in (target, prediction)
+  and its boxes drawn on them, the ground truth's and the detections scoring >= 0.3, labelled
+  with the class name (and score)."""
+  import matplotlib.pyplot as plt
+
+  from mtjax.tasks import detection_plot
+  n, h, w = 2, 16, 12
+  rng = np.random.default_rng(2)
+  images = rng.uniform(size=(n, h, w, 3)).astype(np.float32)
+  seg = np.zeros((n, h, w), np.int64)
+  seg[:, 4:10, 3:9] = 2
+  boxes = np.tile(np.array([0.25, 0.25, 0.625, 0.75], np.float32), (n, 3, 1))
+  targets = {"detection": {"boxes": boxes, "box_classes": np.array([[2, 0, 0], [2, 1, 0]])},
+             "segmentation": seg}
+  detections = {"boxes": boxes, "classes": np.array([[2, 1, 3]] * n),
+                "scores": np.array([[0.9, 0.2, 0.5]] * n), "valid": np.array([[1, 1, 0]] * n) > 0}
+  predictions = {"detection": detections, "segmentation": np.zeros_like(seg)}
+  grid = figures.grid_image(images, targets, predictions, {"segmentation": 3})
+  assert grid.shape == (n * h, 5 * w, 3)
+  cell = lambda row, col: grid[row * h:(row + 1) * h, col * w:(col + 1) * w]  # noqa: E731
+  # The target cell: the image where the class is background, blended where it is not; the
+  # prediction cell (all background predicted): the image.
+  np.testing.assert_array_equal(cell(0, 1)[seg[0] == 0], cell(0, 0)[seg[0] == 0])
+  assert np.all(np.abs(cell(0, 1) - cell(0, 0))[seg[0] == 2] > 0)
+  np.testing.assert_array_equal(cell(1, 2), cell(1, 0))
+
+  calls = []
+  draw = detection_plot.draw_boxes
+  monkeypatch.setattr(detection_plot, "draw_boxes", lambda *a, **k: calls.append(
+      (k["offset"], draw(*a, **k))) or calls[-1][1])
+  names = ("background", "sphere", "cube", "cone")
+  pixels = figures.prediction_grid(str(tmp_path / "grid.png"), images, targets, predictions,
+                                   {"segmentation": 3}, class_names={"detection": names})
+  assert (tmp_path / "grid.png").exists() and pixels.ndim == 3 and pixels.shape[-1] == 3
+  # Per row: the truth's real boxes in column 1, the valid detections of score >= 0.3 in 2.
+  assert calls == [((0, w), 1), ((0, 2 * w), 1), ((h, w), 2), ((h, 2 * w), 1)]
+
+  fig, ax = plt.subplots()
+  drawn = draw(ax, boxes[0], detections["classes"][0], (h, w), scores=detections["scores"][0],
+               valid=detections["valid"][0], class_names=names, offset=(h, 2 * w))
+  assert drawn == 1 and [t.get_text() for t in ax.texts] == ["cube 0.90"]
+  np.testing.assert_allclose(ax.patches[0].get_xy(), (0.25 * w + 2 * w - 0.5, 0.25 * h + h - 0.5))
+  np.testing.assert_allclose((ax.patches[0].get_width(), ax.patches[0].get_height()),
+                             (0.5 * w, 0.375 * h))
+  plt.close(fig)
+  assert detection_plot.class_names_of(names, 3) == names            # background first
+  assert detection_plot.class_names_of(names[1:], 3) == names        # without it: added
+  assert detection_plot.class_names_of(names, 8) is None             # another numbering
+
 def _log(path, steps=4):
   rng = np.random.default_rng(1)
   records = []
