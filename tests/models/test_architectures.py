@@ -32,7 +32,7 @@ from mtjax import models, weighting
 from mtjax.errors import UserError
 from mtjax.models import backbones, labels
 from mtjax.train import step as step_lib
-from mtjax.train.trainer import make_trainer
+from mtjax.train.trainer import gradient_like, make_trainer
 from mtjax.weighting.base import Method
 from tests.helpers import scenes, tiny_tasks
 
@@ -243,16 +243,22 @@ def _counting(tasks, counter):
 def _train(arch, level, devices, steps, initial=None):
   """``steps`` train steps of ``arch`` with the PCGrad spy on ``devices``: ``(model, tasks,
   initial host state, [metrics], [loss traces so far], [params], [spied task gradients])`` after
-  each step. ``initial``: a host state to start from (default: the trainer's own init)."""
+  each step. ``initial``: a host state to start from (default: the trainer's own init; at the
+  representation level, a parameter-level state whose weighting state is remade)."""
   counter = [0]
   tasks = _counting(tiny_tasks(TASKS), counter)
   model = _build(arch, tasks)
   mesh = step_lib.make_mesh(devices)
-  trainer = make_trainer(model, tasks, _spy(weighting.get("pcgrad")), optax.adam(1e-2),
+  spy = _spy(weighting.get("pcgrad"))
+  trainer = make_trainer(model, tasks, spy, optax.adam(1e-2),
                          image_shape=(SIZE, SIZE, 3), batch_size=BATCH, grad_level=level,
                          mesh=mesh)
   if initial is None:
     initial = jax.device_get(trainer.init(jax.random.PRNGKey(0)))
+  elif level == "representation":  # another level's state: only the weighting state differs
+    like = gradient_like(model, initial.params, initial.batch_stats, grad_level=level,
+                         image_shape=(SIZE, SIZE, 3), batch_size=BATCH)
+    initial = initial._replace(weighting_state=jax.device_get(spy.init(len(TASKS), like)))
   state = step_lib.replicate(initial, mesh)
   batch = step_lib.shard_batch(_batch(), mesh)
   history, traces, params, grads = [], [], [], []
@@ -393,7 +399,8 @@ def test_architecture(arch):
       np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4, err_msg=arch)
 
   if step_lib.has_shared_encoder(model):
-    *_, history_r, _, _, grads_r = _train(arch, "representation", jax.devices()[:1], 1)
+    *_, history_r, _, _, grads_r = _train(arch, "representation", jax.devices()[:1], 1,
+                                          initial)
     assert np.isfinite(float(history_r[0]["loss"])), arch
     levels["representation"] = _flat(grads_r[0])
   else:
