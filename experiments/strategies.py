@@ -49,10 +49,7 @@ def run(cfg, workdir, strategies, seeds, split="test") -> dict:
   result = {"split": split, "num_steps": cfg.num_steps, "seeds": list(seeds),
             "baseline_seed": cfg.seed, "phases": cfg.phases.to_dict(),
             "baselines": baselines, "runs": runs}
-  with open(os.path.join(workdir, "strategies.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  with open(os.path.join(workdir, "strategies.md"), "w") as f:
-    f.write(format_table(result) + "\n")
+  sweep.write_table(result, os.path.join(workdir, "strategies"), format_table)
   return result
 
 
@@ -104,10 +101,7 @@ def main(argv):
   strategies = _STRATEGIES.value.split(",")
   if _COLLECT.value:
     result = collect(_CONFIG.value, _WORKDIR.value, strategies, seeds, _SPLIT.value)
-    for name, text in (("strategies.json", json.dumps(result, indent=2)),
-                       ("strategies.md", format_table(result))):
-      with open(os.path.join(_WORKDIR.value, name), "w") as f:
-        f.write(text + "\n")
+    sweep.write_table(result, os.path.join(_WORKDIR.value, "strategies"), format_table)
   else:
     result = run(_CONFIG.value, _WORKDIR.value, strategies, seeds, _SPLIT.value)
   print(format_table(result))

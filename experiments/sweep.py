@@ -56,11 +56,20 @@ def run_sweep(cfg, workdir: str, methods, split: str = "test", progress: bool = 
     runs[name] = {"level": weighting.get(name).level, **out[split]}
   result = {"split": split, "grad_level": cfg.grad_level, "num_steps": cfg.num_steps,
             "seed": cfg.seed, "baselines": baselines, "runs": runs}
-  with open(os.path.join(workdir, "sweep.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  with open(os.path.join(workdir, "sweep.md"), "w") as f:
-    f.write(format_sweep(result) + "\n")
+  write_table(result, os.path.join(workdir, "sweep"), format_sweep)
   return result
+
+
+def write_table(result: dict, path: str, format_fn) -> str:
+  """Writes ``result`` to ``<path>.json`` and its Markdown table ``format_fn(result)`` to
+  ``<path>.md``; returns the table. What every sweep script ends with."""
+  table = format_fn(result)
+  with open(path + ".json", "w") as f:
+    json.dump(result, f, indent=2)
+    f.write("\n")
+  with open(path + ".md", "w") as f:
+    f.write(table + "\n")
+  return table
 
 
 def format_sweep(result) -> str:

@@ -15,33 +15,28 @@ later come with the same command, without retraining the others. Writes ``<out>.
 ``<out>.md``.
 """
 
-import copy
 import json
 import os
+import sys
 
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from mtjax import config as config_lib
-from mtjax import models
+from mtjax import models, weighting
 from mtjax.data import pipeline
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The experiment config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs go.")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sweep  # noqa: E402  (experiments/sweep.py: its flags, the config helper, write_table)
+
+# --config, --workdir, --methods and --split are experiments/sweep.py's flags (defined on import).
+_CONFIG, _WORKDIR, _SPLIT = sweep._CONFIG, sweep._WORKDIR, sweep._SPLIT  # noqa: SLF001
+_METHODS = sweep._METHODS  # noqa: SLF001
+flags.FLAGS.set_default("methods", "ew,nash_mtl")
 _ARCHS = flags.DEFINE_string("architectures", "all", "Comma-separated architectures, or 'all'.")
-_METHODS = flags.DEFINE_string("methods", "ew,nash_mtl", "Comma-separated weighting methods.")
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
-_SPLIT = flags.DEFINE_string("split", "test", "The split the table reports.")
 _OUT = flags.DEFINE_string("out", None, "Table path without extension (default: workdir/table).")
-
-
-def _with(cfg, **fields):
-  cfg = copy.deepcopy(cfg)
-  with cfg.unlocked():
-    for key, value in fields.items():
-      cfg[key] = value
-  return cfg
+_with = sweep._with  # noqa: SLF001
 
 
 def _model_cfg(cfg, architecture):
@@ -183,15 +178,13 @@ def main(argv):
   architectures = models.names() if _ARCHS.value == "all" else _ARCHS.value.split(",")
   for name in architectures:
     models.hparams(name)  # fail early on a bad name
+  methods = weighting.names() if _METHODS.value == "all" else _METHODS.value.split(",")
+  for name in methods:
+    weighting.get(name)  # fail early on a bad name
   seeds = [int(s) for s in _SEEDS.value.split(",")]
-  result = run(_CONFIG.value, _WORKDIR.value, architectures, _METHODS.value.split(","), seeds,
-               _SPLIT.value)
-  out = _OUT.value or os.path.join(_WORKDIR.value, "table")
-  with open(out + ".json", "w") as f:
-    json.dump(result, f, indent=2)
-  with open(out + ".md", "w") as f:
-    f.write(format_table(result) + "\n")
-  print(format_table(result))
+  result = run(_CONFIG.value, _WORKDIR.value, architectures, methods, seeds, _SPLIT.value)
+  print(sweep.write_table(result, _OUT.value or os.path.join(_WORKDIR.value, "table"),
+                          format_table))
 
 
 if __name__ == "__main__":

@@ -6,10 +6,10 @@ pool, stride 4) or, for small images, a single 3×3 conv of stride 2 (``"small"`
 (``"cifar"``).
 """
 
-import dataclasses
 import functools
 import itertools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -67,11 +67,90 @@ class BottleneckBlock(nn.Module):
     return nn.relu(residual + y)
 
 
+class Plan(NamedTuple):
+  """How a :class:`ResNet` runs, stage by stage: what its pieces (:class:`Stages`) are built from.
+
+  ``stages[i - 1]`` holds stage ``i``'s blocks as ``(filters, strides, dilation)``: the strides
+  of the first block of stages 2..N, turned into dilation once the stride reaches
+  ``output_stride`` (:func:`plan_of`).
+  """
+
+  stem: str
+  width: int
+  block: str
+  stages: tuple
+  dtype: jnp.dtype
+
+
+def plan_of(resnet: "ResNet") -> Plan:
+  """The :class:`Plan` of ``resnet``: the one place its strides and dilations are worked out."""
+  stride = {"imagenet": 4, "small": 2}.get(resnet.stem, 1)
+  dilation, stages = 1, []
+  for i, num_blocks in enumerate(resnet.stage_sizes):
+    blocks = []
+    for j in range(num_blocks):
+      strides = 2 if i > 0 and j == 0 else 1
+      if strides == 2 and stride >= resnet.output_stride:
+        strides, dilation = 1, dilation * 2
+      elif strides == 2:
+        stride *= 2
+      blocks.append((resnet.width * 2**i, strides, dilation))
+    stages.append(tuple(blocks))
+  return Plan(resnet.stem, resnet.width, resnet.block, tuple(stages), resnet.dtype)
+
+
+def stage_channels(plan: Plan) -> tuple:
+  """``(C_0, C_1, ..., C_N)``: the channels of the stem's (``C_0``) and each stage's output."""
+  expansion = 4 if plan.block == "bottleneck" else 1
+  return (plan.width, *(stage[-1][0] * expansion for stage in plan.stages))
+
+
+def run_stages(plan: Plan, x, train: bool, first: int, last: int) -> dict:
+  """Stages ``first``..``last`` of ``plan`` on ``x`` (0: the stem, on images): ``{"stem": ...,
+  "stage<i>": ...}`` of those it ran.
+
+  The one ResNet stage runner (:class:`ResNet` and :class:`Stages` call it). Call it inside a
+  ``@nn.compact`` method: its layers become the caller's submodules, named in order of creation
+  (``Conv_0``/``BatchNorm_0`` for the stem, ``BasicBlock_<k>`` or ``BottleneckBlock_<k>`` with
+  ``k`` counted from 0 in the caller).
+  """
+  conv, norm = _conv_and_norm(plan.dtype, train)
+  out = {}
+  if first == 0:
+    x = x.astype(plan.dtype)
+    if plan.stem == "imagenet":
+      x = nn.relu(norm()(conv(plan.width, (7, 7), 2, padding=3)(x)))
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    else:  # "small" (3×3/2 conv) or "cifar" (3×3/1 conv)
+      stride = 2 if plan.stem == "small" else 1
+      x = nn.relu(norm()(conv(plan.width, (3, 3), stride, padding=1)(x)))
+    out["stem"] = x
+  block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[plan.block]
+  for i in range(max(first, 1), last + 1):
+    for filters, strides, dilation in plan.stages[i - 1]:
+      x = block_cls(filters, strides, dilation, plan.dtype)(x, train)
+    out[f"stage{i}"] = x
+  return out
+
+
+def _group(stage_sizes, first: int, name: str) -> str:
+  """``"stem"`` or ``"stage<i>"``: the stage of the top-level variable ``name`` of a module
+  that ran stages ``first``..N (its blocks numbered from 0)."""
+  if "Block_" not in name:  # the stem's Conv_0 / BatchNorm_0
+    return "stem"
+  index = int(name.rsplit("_", 1)[1])
+  for i, end in enumerate(itertools.accumulate(stage_sizes[max(first, 1) - 1:])):
+    if index < end:
+      return f"stage{max(first, 1) + i}"
+  raise ValueError(f"parameter {name}: block {index} is past the last stage")
+
+
 class ResNet(nn.Module):
   """A ResNet trunk returning every stage: ``{"stem": ..., "stage1": ..., ..., "stageN": ...}``.
 
   Each entry is a feature map ``(B, H/s, W/s, C)``; the last one has stride ``output_stride``.
-  A multi-task model picks the stages it needs (hard sharing: the last, :func:`last_stage`).
+  A multi-task model picks the stages it needs (hard sharing: the last, :func:`last_stage`), or
+  runs pieces of it on their own (:class:`Stages`).
   """
 
   stage_sizes: Sequence[int]
@@ -88,42 +167,44 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool):
     train = train and not self.frozen_bn  # the blocks use `train` for BatchNorm only
-    block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[self.block]
-    conv, norm = _conv_and_norm(self.dtype, train)
-    x = images.astype(self.dtype)
-    if self.stem == "imagenet":
-      x = nn.relu(norm()(conv(self.width, (7, 7), 2, padding=3)(x)))
-      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
-      stride = 4
-    else:  # "small" (3×3/2 conv) or "cifar" (3×3/1 conv)
-      stride = 2 if self.stem == "small" else 1
-      x = nn.relu(norm()(conv(self.width, (3, 3), stride, padding=1)(x)))
-    stages = {"stem": x}
-    dilation = 1
-    for i, num_blocks in enumerate(self.stage_sizes):
-      for j in range(num_blocks):
-        strides = 2 if i > 0 and j == 0 else 1
-        if strides == 2 and stride >= self.output_stride:
-          strides, dilation = 1, dilation * 2
-        elif strides == 2:
-          stride *= 2
-        x = block_cls(self.width * 2**i, strides, dilation, self.dtype)(x, train)
-      stages[f"stage{i + 1}"] = x
-    return stages
+    return run_stages(plan_of(self), images, train, 0, len(self.stage_sizes))
 
   def param_group(self, path) -> str:
     """``"stem"`` or ``"stage<i>"``: the part of the trunk a parameter path (in it) belongs to
     (with ``frozen_bn``, a BatchNorm's is ``"bn/stem"``, ``"bn/stage<i>"``)."""
+    group = _group(tuple(self.stage_sizes), 0, path[0])
     if self.frozen_bn and any(str(p).startswith("BatchNorm") for p in path):
-      return "bn/" + dataclasses.replace(self, frozen_bn=False).param_group(path)
-    name = path[0]  # the stem's Conv_0 / BatchNorm_0, or BasicBlock_<k> / BottleneckBlock_<k>
-    if "Block_" not in name:
-      return "stem"
-    index = int(name.rsplit("_", 1)[1])
-    for i, end in enumerate(itertools.accumulate(self.stage_sizes)):
-      if index < end:
-        return f"stage{i + 1}"
-    raise ValueError(f"parameter path {path}: block {index} is past the last stage")
+      return "bn/" + group
+    return group
+
+
+class Stages(nn.Module):
+  """Stages ``first``..``last`` of a ResNet as a module of their own (``first = 0``: from the
+  stem, on images), run by :func:`run_stages` as :class:`ResNet` runs them; returns stage
+  ``last``'s output (the stem's if ``last = 0``).
+
+  What partial sharing, cross-stitch, LTB and the expert architectures copy per task or per
+  expert. Blocks are numbered from 0 in each piece: a piece from the stem (``first = 0``) has
+  the parameter names of the same stages of :class:`ResNet`.
+  """
+
+  plan: Plan
+  first: int
+  last: int
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    out = run_stages(self.plan, x, train, self.first, self.last)
+    return out["stem" if self.last == 0 else f"stage{self.last}"]
+
+  def param_group(self, path) -> str:
+    """``"stem"`` or ``"stage<i>"`` (the ResNet's stage numbers), as :meth:`ResNet.param_group`."""
+    return _group(tuple(len(s) for s in self.plan.stages), self.first, path[0])
+
+
+def part(resnet: ResNet, first: int, last: int) -> Stages:
+  """Stages ``first``..``last`` of ``resnet`` (0: the stem) as a module of their own."""
+  return Stages(plan_of(resnet), first, last)
 
 
 def last_stage(stages):

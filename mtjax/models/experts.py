@@ -3,7 +3,9 @@
 Every model here splits the backbone (:mod:`mtjax.models.backbones`) in two: a **trunk**, the
 stem and the first ``N - expert_stages`` stages (shared by all tasks, as hard sharing shares its
 backbone), and **experts**, copies of the last ``expert_stages`` stages (one level of
-PLE is one stage), each with its own parameters, all reading the trunk's output. The papers'
+PLE is one stage), each with its own parameters, all reading the trunk's output; both are
+:class:`backbones.Stages`, run by the backbone's own stage runner (the trunk has the backbone's
+parameter names; an expert's blocks are numbered from 0). The papers'
 experts are whole networks on the raw input (LibMTL: whole backbones); stages of one backbone
 keep the models small enough for a CPU and keep the head's input the same as hard sharing's (the
 last stage's channels and stride), so every task head works unchanged. With
@@ -56,81 +58,7 @@ from mtjax.models import backbones, multitask
 from mtjax.models.labels import SHARED
 
 # ----------------------------------------------------------------------------------------------
-# Experts: runs of backbone stages.
-
-
-def block_plan(stage_sizes, output_stride: int, stem: str):
-  """``((index, stage, strides, dilation), ...)`` of every block, as ``backbones.ResNet`` runs them.
-
-  ``index`` is the block's number in the whole trunk (its Linen name's suffix), ``stage`` its
-  stage (1-based); stride and dilation follow ``ResNet.__call__`` (dilation past
-  ``output_stride``).
-  """
-  stride = {"imagenet": 4, "small": 2}.get(stem, 1)
-  dilation, plan, index = 1, [], 0
-  for i, num_blocks in enumerate(stage_sizes):
-    for j in range(num_blocks):
-      strides = 2 if i > 0 and j == 0 else 1
-      if strides == 2 and stride >= output_stride:
-        strides, dilation = 1, dilation * 2
-      elif strides == 2:
-        stride *= 2
-      plan.append((index, i + 1, strides, dilation))
-      index += 1
-  return tuple(plan)
-
-
-class ResNetPart(nn.Module):
-  """Stages ``first``..``last`` of a ``backbones.ResNet`` (``first = 0``: from the stem, on images).
-
-  Its blocks carry the whole ResNet's names (``BasicBlock_<index>``), so the parameters of a
-  trunk part and an expert part together are exactly those of the ResNet, path for path.
-  """
-
-  stage_sizes: Sequence[int]
-  block: str = "basic"
-  width: int = 64
-  output_stride: int = 32
-  stem: str = "imagenet"
-  dtype: jnp.dtype = jnp.float32
-  first: int = 0
-  last: int = 4
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    block_cls = {"basic": backbones.BasicBlock, "bottleneck": backbones.BottleneckBlock}[self.block]
-    if self.first == 0:
-      conv, norm = backbones._conv_and_norm(self.dtype, train)
-      x = x.astype(self.dtype)
-      if self.stem == "imagenet":
-        x = nn.relu(norm()(conv(self.width, (7, 7), 2, padding=3)(x)))
-        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
-      else:
-        stride = 2 if self.stem == "small" else 1
-        x = nn.relu(norm()(conv(self.width, (3, 3), stride, padding=1)(x)))
-    for index, stage, strides, dilation in block_plan(self.stage_sizes, self.output_stride,
-                                                      self.stem):
-      if max(self.first, 1) <= stage <= self.last:
-        x = block_cls(self.width * 2 ** (stage - 1), strides, dilation, self.dtype,
-                      name=f"{block_cls.__name__}_{index}")(x, train)
-    return x
-
-  def param_group(self, path) -> str:
-    """``"stem"`` or ``"stage<i>"``, as ``backbones.ResNet.param_group``."""
-    return backbones.ResNet(self.stage_sizes, parent=None).param_group(path)
-
-
-def part(resnet: backbones.ResNet, first: int, last: int) -> ResNetPart:
-  """Stages ``first``..``last`` of ``resnet`` (0: the stem) as a module of their own."""
-  return ResNetPart(tuple(resnet.stage_sizes), resnet.block, resnet.width, resnet.output_stride,
-                    resnet.stem, resnet.dtype, first, last)
-
-
-def stage_channels(resnet: backbones.ResNet, stage: int) -> int:
-  """The channels of stage ``stage``'s output (0: the stem's)."""
-  if stage == 0:
-    return resnet.width
-  return resnet.width * 2 ** (stage - 1) * (4 if resnet.block == "bottleneck" else 1)
+# Experts: runs of backbone stages (:class:`backbones.Stages`).
 
 
 def run_experts(experts, x, train: bool):
@@ -275,8 +203,8 @@ class MixtureOfExperts(nn.Module):
   :meth:`decode` is the task's gate, the mixture and its head.
   """
 
-  trunk: ResNetPart
-  experts: Sequence[ResNetPart]
+  trunk: backbones.Stages
+  experts: Sequence[backbones.Stages]
   gates: Mapping[str, nn.Module]  # SoftmaxGate (MMoE) or DSelectKGate
   heads: Mapping[str, nn.Module]
 
@@ -316,9 +244,9 @@ class CustomizedGateControl(nn.Module):
   gate, the mixture and its head: it reads only parameters labelled with the task.
   """
 
-  trunk: ResNetPart
-  shared_experts: Sequence[ResNetPart]
-  task_experts: Mapping[str, Sequence[ResNetPart]]
+  trunk: backbones.Stages
+  shared_experts: Sequence[backbones.Stages]
+  task_experts: Mapping[str, Sequence[backbones.Stages]]
   gates: Mapping[str, nn.Module]
   heads: Mapping[str, nn.Module]
 
@@ -377,11 +305,11 @@ class ProgressiveLayeredExtraction(nn.Module):
   With ``L = 1`` the model is CGC (which does have an encoder: use ``cgc``).
   """
 
-  trunk: ResNetPart
-  shared_experts: Sequence[Sequence[ResNetPart]]           # [level][expert]
-  task_experts: Mapping[str, Sequence[Sequence[ResNetPart]]]  # {task: [level][expert]}
-  task_gates: Mapping[str, Sequence[nn.Module]]            # {task: [level]}
-  shared_gates: Sequence[nn.Module]                        # [level], the top one excluded
+  trunk: backbones.Stages
+  shared_experts: Sequence[Sequence[backbones.Stages]]              # [level][expert]
+  task_experts: Mapping[str, Sequence[Sequence[backbones.Stages]]]  # {task: [level][expert]}
+  task_gates: Mapping[str, Sequence[nn.Module]]                     # {task: [level]}
+  shared_gates: Sequence[nn.Module]                                 # [level], not the top one
   heads: Mapping[str, nn.Module]
 
   def __call__(self, images, train: bool = False):
@@ -450,7 +378,7 @@ def _split(resnet, field: str, stages: int):
   """``(trunk, first expert stage)`` with the last ``stages`` stages left for the experts."""
   n = len(resnet.stage_sizes)
   _check_count(field, stages, 1, n, f" (the backbone has {n} stages)")
-  return part(resnet, 0, n - stages), n - stages + 1
+  return backbones.part(resnet, 0, n - stages), n - stages + 1
 
 
 def build_mmoe(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int = 32,
@@ -466,7 +394,7 @@ def build_mmoe(backbone: str, tasks: Mapping, *, width: int = 64, output_stride:
   _check_count("num_experts", num_experts)
   trunk, first = _split(resnet, "expert_stages", expert_stages)
   n = len(resnet.stage_sizes)
-  experts = [part(resnet, first, n) for _ in range(num_experts)]
+  experts = [backbones.part(resnet, first, n) for _ in range(num_experts)]
   return MixtureOfExperts(trunk, experts, {t: SoftmaxGate(num_experts) for t in tasks}, heads)
 
 
@@ -497,7 +425,7 @@ def build_dselect_k(backbone: str, tasks: Mapping, *, width: int = 64, output_st
                      f"{gamma!r}")
   trunk, first = _split(resnet, "expert_stages", expert_stages)
   n = len(resnet.stage_sizes)
-  experts = [part(resnet, first, n) for _ in range(num_experts)]
+  experts = [backbones.part(resnet, first, n) for _ in range(num_experts)]
   gates = {t: DSelectKGate(num_experts, num_nonzeros, float(gamma)) for t in tasks}
   return MixtureOfExperts(trunk, experts, gates, heads)
 
@@ -517,8 +445,8 @@ def build_cgc(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: 
                      "one expert, got 0 and 0")
   trunk, first = _split(resnet, "expert_stages", expert_stages)
   n = len(resnet.stage_sizes)
-  shared = [part(resnet, first, n) for _ in range(num_shared_experts)]
-  own = {t: [part(resnet, first, n) for _ in range(num_task_experts)] for t in tasks}
+  shared = [backbones.part(resnet, first, n) for _ in range(num_shared_experts)]
+  own = {t: [backbones.part(resnet, first, n) for _ in range(num_task_experts)] for t in tasks}
   gates = {t: SoftmaxGate(num_shared_experts + num_task_experts) for t in tasks}
   return CustomizedGateControl(trunk, shared, own, gates, heads)
 
@@ -539,8 +467,8 @@ def build_ple(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: 
   trunk, first = _split(resnet, "num_levels", num_levels)
   n = len(resnet.stage_sizes)
   stages = range(first, n + 1)
-  shared = [[part(resnet, s, s) for _ in range(num_shared_experts)] for s in stages]
-  own = {t: [[part(resnet, s, s) for _ in range(num_task_experts)] for s in stages]
+  shared = [[backbones.part(resnet, s, s) for _ in range(num_shared_experts)] for s in stages]
+  own = {t: [[backbones.part(resnet, s, s) for _ in range(num_task_experts)] for s in stages]
          for t in tasks}
   task_gates = {t: [SoftmaxGate(num_shared_experts + num_task_experts) for _ in stages]
                 for t in tasks}

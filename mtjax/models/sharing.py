@@ -15,7 +15,6 @@ statistics, not parameters.
 
 import functools
 from collections.abc import Mapping
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -28,79 +27,8 @@ from mtjax.models.multitask import DeepSupervision, backbone_and_heads
 _HEAD_PREFIX = "heads_"
 
 
-# ---------------------------------------------------------------------------------------------
-# The backbone, stage by stage
-
-
-class TrunkSpec(NamedTuple):
-  """What it takes to build a :class:`backbones.ResNet`'s stem and stages one by one."""
-
-  stem: str
-  width: int
-  block: str
-  plan: tuple  # per stage: ((filters, strides, dilation), ...) per block
-  dtype: jnp.dtype
-
-
-def trunk_spec(trunk: backbones.ResNet) -> TrunkSpec:
-  """The stem and the per-block ``(filters, strides, dilation)`` that ``trunk`` builds.
-
-  The same arithmetic as :class:`backbones.ResNet` (its output stride turns strides into
-  dilation), so :class:`Stem` then the :class:`Stage` s compute exactly what ``trunk`` does.
-  """
-  stride = {"imagenet": 4, "small": 2, "cifar": 1}[trunk.stem]
-  dilation, plan = 1, []
-  for i, num_blocks in enumerate(trunk.stage_sizes):
-    blocks = []
-    for j in range(num_blocks):
-      strides = 2 if i > 0 and j == 0 else 1
-      if strides == 2 and stride >= trunk.output_stride:
-        strides, dilation = 1, dilation * 2
-      elif strides == 2:
-        stride *= 2
-      blocks.append((trunk.width * 2**i, strides, dilation))
-    plan.append(tuple(blocks))
-  return TrunkSpec(trunk.stem, trunk.width, trunk.block, tuple(plan), trunk.dtype)
-
-
-def stage_channels(spec: TrunkSpec) -> tuple:
-  """``C_i``: the channels of each stage's output."""
-  expansion = 4 if spec.block == "bottleneck" else 1
-  return tuple(stage[-1][0] * expansion for stage in spec.plan)
-
-
-class Stem(nn.Module):
-  """The stem of :class:`backbones.ResNet` alone (same layers, same parameter names)."""
-
-  spec: TrunkSpec
-
-  @nn.compact
-  def __call__(self, images, train: bool):
-    conv, norm = backbones._conv_and_norm(self.spec.dtype, train)
-    x = images.astype(self.spec.dtype)
-    if self.spec.stem == "imagenet":
-      x = nn.relu(norm()(conv(self.spec.width, (7, 7), 2, padding=3)(x)))
-      return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
-    stride = 2 if self.spec.stem == "small" else 1
-    return nn.relu(norm()(conv(self.spec.width, (3, 3), stride, padding=1)(x)))
-
-
-class Stage(nn.Module):
-  """Stage ``index`` (1-based) of :class:`backbones.ResNet` alone."""
-
-  spec: TrunkSpec
-  index: int
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    block = {"basic": backbones.BasicBlock, "bottleneck": backbones.BottleneckBlock}
-    for filters, strides, dilation in self.spec.plan[self.index - 1]:
-      x = block[self.spec.block](filters, strides, dilation, self.spec.dtype)(x, train)
-    return x
-
-
-def _stage_names(spec: TrunkSpec):
-  return [f"stage{i}" for i in range(1, len(spec.plan) + 1)]
+def _stage_names(plan: backbones.Plan):
+  return [f"stage{i}" for i in range(1, len(plan.stages) + 1)]
 
 
 def _head_label(heads, name):
@@ -141,16 +69,16 @@ class PartialSharing(nn.Module):
   Parameters: ``P_stem + Σ_{i≤b} P_i + T · Σ_{i>b} P_i + Σ_t P_head_t``.
   """
 
-  spec: TrunkSpec
+  plan: backbones.Plan
   heads: Mapping[str, nn.Module]
   branch_stage: int
 
   def setup(self):
-    stages = _stage_names(self.spec)
-    self.shared = {"stem": Stem(self.spec),
-                   **{s: Stage(self.spec, i) for i, s in enumerate(stages, 1)
+    stages = _stage_names(self.plan)
+    self.shared = {"stem": backbones.Stages(self.plan, 0, 0),
+                   **{s: backbones.Stages(self.plan, i, i) for i, s in enumerate(stages, 1)
                       if i <= self.branch_stage}}
-    self.branches = {f"{task}_{s}": Stage(self.spec, i) for task in self.heads
+    self.branches = {f"{task}_{s}": backbones.Stages(self.plan, i, i) for task in self.heads
                      for i, s in enumerate(stages, 1) if i > self.branch_stage}
 
   def encode(self, images, train: bool = False):
@@ -161,7 +89,7 @@ class PartialSharing(nn.Module):
 
   def decode(self, features, task: str, output_size, train: bool = False):
     x = features
-    for i in range(self.branch_stage + 1, len(self.spec.plan) + 1):
+    for i in range(self.branch_stage + 1, len(self.plan.stages) + 1):
       x = self.branches[f"{task}_stage{i}"](x, train)
     return self.heads[task](x, tuple(output_size), train)
 
@@ -176,7 +104,7 @@ class PartialSharing(nn.Module):
     if name.startswith("shared_"):
       return f"{SHARED}/{name[len('shared_'):]}"
     for task in self.heads:
-      for stage in _stage_names(self.spec):
+      for stage in _stage_names(self.plan):
         if name == f"branches_{task}_{stage}":
           return f"{task}/{stage}"
     return _head_label(self.heads, name) or _not_mine(path, "partial-sharing")
@@ -189,9 +117,9 @@ def build_partial(backbone: str, tasks: Mapping, *, width: int = 64, output_stri
   one task-specific stage; 0..N allowed)."""
   trunk, heads, _ = backbone_and_heads(backbone, tasks, width=width, output_stride=output_stride,
                                        stem=stem, head_hidden=head_hidden, dtype=dtype)
-  spec = trunk_spec(trunk)
-  _check_int("branch_stage", branch_stage, 0, len(spec.plan))
-  return PartialSharing(spec, heads, branch_stage)
+  plan = backbones.plan_of(trunk)
+  _check_int("branch_stage", branch_stage, 0, len(plan.stages))
+  return PartialSharing(plan, heads, branch_stage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,15 +157,14 @@ class CrossStitch(nn.Module):
   Parameters: ``T · P_backbone + (N - 1) · T² + Σ_t P_head_t``.
   """
 
-  spec: TrunkSpec
+  plan: backbones.Plan
   heads: Mapping[str, nn.Module]
   alpha_self: float
 
   def setup(self):
-    stages = _stage_names(self.spec)
-    self.columns = {f"{t}_{s}": Stage(self.spec, i) for t in self.heads
-                    for i, s in enumerate(stages, 1)} | {f"{t}_stem": Stem(self.spec)
-                                                         for t in self.heads}
+    stages = _stage_names(self.plan)
+    self.columns = {f"{t}_{s}": backbones.Stages(self.plan, i, i) for t in self.heads
+                    for i, s in enumerate(["stem", *stages])}
     num_tasks = len(self.heads)
     self.units = [self.param(f"cross_stitch_stage{i}", cross_stitch_init(self.alpha_self),
                              (num_tasks, num_tasks)) for i in range(1, len(stages))]
@@ -245,9 +172,9 @@ class CrossStitch(nn.Module):
   def __call__(self, images, train: bool = False):
     tasks = tuple(self.heads)
     xs = [self.columns[f"{t}_stem"](images, train) for t in tasks]
-    for i in range(1, len(self.spec.plan) + 1):
+    for i in range(1, len(self.plan.stages) + 1):
       xs = [self.columns[f"{t}_stage{i}"](x, train) for t, x in zip(tasks, xs, strict=True)]
-      if i < len(self.spec.plan):
+      if i < len(self.plan.stages):
         alpha = self.units[i - 1]
         self.sow("relations", f"cross_stitch/stage{i}", alpha)
         xs = _mix(alpha, xs)
@@ -262,7 +189,7 @@ class CrossStitch(nn.Module):
     if name.startswith("cross_stitch_stage"):
       return f"{SHARED}/cross_stitch"
     for task in self.heads:
-      for part in ["stem", *_stage_names(self.spec)]:
+      for part in ["stem", *_stage_names(self.plan)]:
         if name == f"columns_{task}_{part}":
           return f"{SHARED}/{task}/{part}"
     return _head_label(self.heads, name) or _not_mine(path, "cross-stitch")
@@ -277,7 +204,7 @@ def build_cross_stitch(backbone: str, tasks: Mapping, *, width: int = 64,
                                        stem=stem, head_hidden=head_hidden, dtype=dtype)
   if not isinstance(alpha_self, (int, float)) or not 0.0 <= alpha_self <= 1.0:
     raise ValueError(f"model.alpha_self: got {alpha_self!r}; expected a float in [0, 1]")
-  return CrossStitch(trunk_spec(trunk), heads, float(alpha_self))
+  return CrossStitch(backbones.plan_of(trunk), heads, float(alpha_self))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,12 +265,13 @@ class MTAN(nn.Module):
   heads: Mapping[str, nn.Module]
 
   def setup(self):
-    spec = trunk_spec(self.backbone)
-    channels, n = stage_channels(spec), len(spec.plan)
-    self.attention = {f"{t}_stage{i}": _Attention(channels[i - 1], spec.dtype)
+    plan = backbones.plan_of(self.backbone)
+    channels, n = backbones.stage_channels(plan), len(plan.stages)
+    self.attention = {f"{t}_stage{i}": _Attention(channels[i], plan.dtype)
                       for t in self.heads for i in range(1, n + 1)}
     # stride of f_i: stage i+1's first block's stride (1 when dilated).
-    self.transfer = {f"{t}_stage{i}": _Transfer(channels[i], spec.plan[i][0][1], spec.dtype)
+    self.transfer = {f"{t}_stage{i}": _Transfer(channels[i + 1], plan.stages[i][0][1],
+                                                 plan.dtype)
                      for t in self.heads for i in range(1, n)}
 
   def encode(self, images, train: bool = False):
@@ -432,7 +360,7 @@ class PADNet(nn.Module):
   intermediate_weight: float
 
   def setup(self):
-    channels = stage_channels(trunk_spec(self.backbone))[-1]
+    channels = backbones.stage_channels(backbones.plan_of(self.backbone))[-1]
     dtype = self.backbone.dtype
     self.intermediate = {t: _ConvBN(channels, dtype) for t in self.heads}
     self.gates = {t: nn.Conv(channels, (3, 3), padding=1, dtype=dtype) for t in self.heads}
@@ -535,15 +463,14 @@ class LearnToBranch(nn.Module):
   Parameters: ``T · P_backbone + N · T² + Σ_t P_head_t``.
   """
 
-  spec: TrunkSpec
+  plan: backbones.Plan
   heads: Mapping[str, nn.Module]
   temperature: float
 
   def setup(self):
-    stages = _stage_names(self.spec)
-    self.nodes = {f"{t}_{s}": Stage(self.spec, i) for t in self.heads
-                  for i, s in enumerate(stages, 1)} | {f"{t}_stem": Stem(self.spec)
-                                                       for t in self.heads}
+    stages = _stage_names(self.plan)
+    self.nodes = {f"{t}_{s}": backbones.Stages(self.plan, i, i) for t in self.heads
+                  for i, s in enumerate(["stem", *stages])}
     num_tasks = len(self.heads)
     self.branching = [self.param(f"branch_stage{i}", nn.initializers.zeros,
                                  (num_tasks, num_tasks)) for i in range(1, len(stages) + 1)]
@@ -558,7 +485,7 @@ class LearnToBranch(nn.Module):
   def __call__(self, images, train: bool = False):
     tasks = tuple(self.heads)
     xs = [self.nodes[f"{t}_stem"](images, train) for t in tasks]
-    for i in range(1, len(self.spec.plan) + 1):
+    for i in range(1, len(self.plan.stages) + 1):
       logits = self.branching[i - 1]
       self.sow("relations", f"ltb/stage{i}", jax.nn.softmax(logits, axis=-1))
       xs = _mix(self._choice(logits, train), xs)
@@ -574,7 +501,7 @@ class LearnToBranch(nn.Module):
     if name.startswith("branch_stage"):
       return f"{SHARED}/branching"
     for task in self.heads:
-      for part in ["stem", *_stage_names(self.spec)]:
+      for part in ["stem", *_stage_names(self.plan)]:
         if name == f"nodes_{task}_{part}":
           return f"{SHARED}/{task}/{part}"
     return _head_label(self.heads, name) or _not_mine(path, "learning-to-branch")
@@ -588,4 +515,4 @@ def build_ltb(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: 
                                        stem=stem, head_hidden=head_hidden, dtype=dtype)
   if not isinstance(temperature, (int, float)) or not temperature > 0:
     raise ValueError(f"model.temperature: got {temperature!r}; expected a float > 0")
-  return LearnToBranch(trunk_spec(trunk), heads, float(temperature))
+  return LearnToBranch(backbones.plan_of(trunk), heads, float(temperature))

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from mtjax import tasks as tasks_lib
@@ -87,3 +88,40 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
   assert out["features"].dtype == jnp.bfloat16 and out["depth"].dtype == jnp.float32
   with pytest.raises(ValueError, match="model.dtype"):
     build("resnet_tiny", depth, dtype="float16")
+
+
+def test_pieces_of_a_resnet_chain_to_the_resnet():
+  """``Stages`` pieces (the stage runner the sharing architectures copy) compute the ResNet:
+  two blocks per stage, the ImageNet stem and dilation past output stride 8."""
+  resnet = backbones.get("resnet18", width=4, output_stride=8)
+  images = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  shapes = jax.eval_shape(lambda: resnet.init(jax.random.PRNGKey(0), images, train=False))
+  rng = np.random.default_rng(0)  # random variables of the right shapes: no init to compile
+  variables = jax.tree_util.tree_map(
+      lambda x: jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype), shapes)
+  pieces = [backbones.part(resnet, 0, 1), backbones.part(resnet, 2, 2),
+            backbones.part(resnet, 3, 4)]
+  blocks = [(0, 2), (2, 4), (4, 8)]  # each piece's blocks, numbered from 0 in the piece
+
+  def piece_variables(k):
+    first, end = blocks[k]
+    out = {}
+    for col, tree in variables.items():
+      out[col] = {f"BasicBlock_{i - first}": tree[f"BasicBlock_{i}"] for i in range(first, end)}
+      if k == 0:
+        out[col].update({n: v for n, v in tree.items() if "Block_" not in n})
+    return out
+
+  def both(x):
+    whole = resnet.apply(variables, x, train=False)
+    for k, piece in enumerate(pieces):
+      x = piece.apply(piece_variables(k), x, train=False)
+    return whole, x
+  whole, chained = jax.jit(both)(images)
+  assert chained.shape == (2, 4, 4, 32)  # stride 8: stage 4 dilated
+  assert jnp.allclose(chained, whole["stage4"], rtol=1e-6, atol=1e-6)
+  groups = {n: pieces[2].param_group((n,)) for n in piece_variables(2)["params"]}
+  assert groups == {"BasicBlock_0": "stage3", "BasicBlock_1": "stage3",
+                    "BasicBlock_2": "stage4", "BasicBlock_3": "stage4"}
+  assert pieces[0].param_group(("Conv_0",)) == "stem"
+  assert backbones.stage_channels(backbones.plan_of(resnet)) == (4, 4, 8, 16, 32)

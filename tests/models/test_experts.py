@@ -1,6 +1,10 @@
 """Mixture-of-experts architectures: shapes, the parameter-count formulas, MMoE with one expert
-as hard sharing, the gates' distributions, DSelect-k's exact k-selection, a few training steps
-with one compile each, and the train step's per-task gradients against jax.jacrev."""
+as hard sharing, the gates' distributions and DSelect-k's exact k-selection.
+
+Their train steps (one compile, a falling loss, both levels or the refusal, every gradient
+method on their per-task gradients, and CGC's per-task gradients against ``jax.jacrev``) are
+``tests/models/test_architectures.py``'s; the general path that PLE takes is checked against
+``jax.jacrev`` by ``tests/train/test_contracts.py``."""
 
 import math
 
@@ -8,13 +12,11 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from mtjax import models, weighting
-from mtjax.models import build, experts, labels
+from mtjax import models
+from mtjax.models import backbones, build, experts, labels
 from mtjax.train import step as step_lib
-from mtjax.train.trainer import make_trainer
 from tests.helpers import scenes, tiny_tasks
 
 KW = dict(width=8, output_stride=4, stem="small", head_hidden=8)
@@ -49,13 +51,13 @@ def _expected_count(name, hp, hard, hard_params, num_tasks):
   if name == "ple":
     s, e_t, levels = hp["num_shared_experts"], hp["num_task_experts"], hp["num_levels"]
     for j in range(1, levels + 1):
-      c = experts.stage_channels(resnet, n - levels + j - 1)
+      c = backbones.stage_channels(backbones.plan_of(resnet))[n - levels + j - 1]
       total += (s + t * e_t - 1) * stages[n - levels + j]
       total += (c + 1) * (t * (s + e_t) + (s + t * e_t) * (j < levels))
     return total
   k_stages = hp["expert_stages"]
   last = sum(stages[i] for i in range(n - k_stages + 1, n + 1))
-  c = experts.stage_channels(resnet, n - k_stages)
+  c = backbones.stage_channels(backbones.plan_of(resnet))[n - k_stages]
   if name == "mmoe":
     e = hp["num_experts"]
     return total + (e - 1) * last + t * (c + 1) * e
@@ -117,7 +119,7 @@ def test_mmoe_with_one_expert_is_hard_sharing():
 
   def transplant(tree, gates):
     backbone = dict(tree["backbone"])
-    expert = {k: backbone.pop(k) for k in list(backbone) if k == "BasicBlock_2"}
+    expert = {"BasicBlock_0": backbone.pop("BasicBlock_2")}  # numbered from 0 in the expert
     return {"trunk": backbone, "experts_0": expert, **gates,
             **{k: v for k, v in tree.items() if k.startswith("heads_")}}
 
@@ -225,79 +227,3 @@ def test_bad_hyperparameters_name_the_field():
                                           "expert_stages": 1}
   with pytest.raises(ValueError, match="model.architecture"):
     models.hparams("moe")
-
-
-def _loss_vector(model, tasks, params, batch_stats, batch):
-  out, _ = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
-                       train=True, mutable=["batch_stats"])
-  return jnp.stack([tasks[t].loss_fn(out[t], batch) for t in tasks])
-
-
-def _close(a, b, rtol=2e-4, atol=1e-6):
-  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
-
-
-def _recording(method):
-  """``method``, also keeping in its state the per-task gradients it was handed last."""
-  def init(num_tasks, grads_like):
-    return method.init(num_tasks, grads_like), jax.tree_util.tree_map(
-        lambda g: jnp.zeros((num_tasks, *g.shape), g.dtype), grads_like)
-
-  def update(task_grads, state, *, losses, key):
-    combined, inner, weights = method.update(task_grads, state[0], losses=losses, key=key)
-    return combined, (inner, task_grads), weights
-  return weighting.Method(init, update, "gradient")
-
-
-# CGC with a gradient-level method, its per-task gradients (the encoder path: shared trunk and
-# experts in encode, the task's experts, gate and head in decode) checked against jax.jacrev.
-# Every architecture's train step (one compile, a falling loss, both levels) is
-# tests/models/test_architectures.py's; the general path that PLE takes is checked
-# against jax.jacrev by tests/train/test_contracts.py.
-TRAIN = [("cgc", {}, "pcgrad", "parameter")]
-
-
-@pytest.mark.parametrize("name,hp,method,grad_level", TRAIN)
-def test_trains_with_one_compile(name, hp, method, grad_level):
-  tasks = tiny_tasks(TWO)
-  model = experts.ARCHITECTURES[name]("resnet_tiny", tasks, **KW, **hp)
-  mesh = step_lib.make_mesh(jax.devices()[:1])
-  method = weighting.get(method)
-  trainer = make_trainer(model, tasks, _recording(method) if name == "cgc" else method,
-                         optax.adam(3e-3), image_shape=(16, 16, 3), batch_size=8,
-                         grad_level=grad_level, mesh=mesh)
-  host_batch = scenes(8, size=16, seed=2)
-  batch = step_lib.shard_batch(host_batch, mesh)
-  compiled = []
-
-  def on_duration(event, duration, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiled.append(kwargs.get("fun_name", ""))
-
-  initial = jax.device_get(trainer.init(jax.random.PRNGKey(0)))
-  state = step_lib.replicate(initial, mesh)
-  jax.monitoring.register_event_duration_secs_listener(on_duration)
-  try:
-    losses = []
-    for i in range(6):
-      state, metrics = trainer.step(state, batch)
-      losses.append(float(metrics["loss"]))
-      if i == 0 and name == "cgc":
-        recorded = jax.device_get(state.weighting_state[1])
-  finally:
-    jax.monitoring.unregister_event_duration_listener(on_duration)
-  assert compiled.count("jit(step)") == 1, compiled
-  assert np.all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], losses
-  if name == "cgc":  # the step's per-task gradients (encode/decode split) = the full Jacobian
-    own = labels.split(model, initial.params)
-    others = [own[t] for t in tasks]
-    batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
-    want = jax.jit(jax.jacrev(lambda s: _loss_vector(
-        model, tasks, labels.merge(s, *others), initial.batch_stats, batch)))(own["shared"])
-    _close(recorded, want)
-  if name == "ple":  # no shared encoder: the representation level is refused
-    with pytest.raises(ValueError, match="grad_level: 'representation'.*no shared encoder"):
-      make_trainer(model, tasks, method, optax.sgd(0.1), image_shape=(16, 16, 3), batch_size=8,
-                   grad_level="representation")
