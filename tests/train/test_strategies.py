@@ -158,12 +158,36 @@ def test_alternating_resumes_mid_phase_bitwise_with_one_compile_per_phase(data_d
   assert out["tasks"] == list(cfg.tasks) and out["conflict_cosine_count"] == 3
 
 
+def test_alternating_taskwise_through_the_loop_trains_one_head_and_the_backbone_a_step(
+    data_dir, tmp_path):
+  import orbax.checkpoint as ocp
+
+  cfg = tiny_config(data_dir, strategy="alternating_taskwise", num_steps=4, log_every=1,
+                    eval_every=0, checkpoint_every=1, keep_checkpoints=4)
+  assert loop.train(cfg, str(tmp_path), progress=False, stop_after=3) == {}  # one round
+  exp = loop.build(cfg)
+  before = jax.device_get(loop.make_trainer(cfg, exp, step_lib.make_mesh()).init(
+      jax.random.PRNGKey(cfg.seed)).params)
+  records = [r for r in read_log(tmp_path) if r["split"] == "train"]
+  for done, record in zip((1, 2, 3), records, strict=True):
+    after = ocp.StandardCheckpointer().restore(
+        str(tmp_path / "checkpoints" / str(done) / "state"))["params"]
+    old, new = labels.split(exp.model, before), labels.split(exp.model, after)
+    moved = {owner for owner in new if not _tree_equal(old[owner], new[owner])}
+    task = cfg.tasks[done - 1]  # step done - 1 (0-based) trains task (done - 1) % T
+    assert moved == {labels.SHARED, task}, (done, moved)
+    assert record["step"] == done
+    assert [record[f"weight/{n}"] for n in cfg.tasks] == [float(n == task) for n in cfg.tasks]
+    before = after
+
+
 @pytest.mark.parametrize("overrides,match", [
     ({"strategy": "sideways"}, "config.strategy: got 'sideways'"),
     ({"strategy": "alternating", "method": "mgda"}, "config.strategy: 'alternating' needs a "
                                                     "loss-level"),
     ({"strategy": "progressive", "phases.add_every": 0}, "config.phases.add_every"),
     ({"relations.affinity_every": -1}, "config.relations.affinity_every"),
+    ({"relations.conflict_level": "layer"}, "config.relations.conflict_level: got 'layer'"),
     ({"prediction_images": -2}, "config.prediction_images"),
 ])
 def test_bad_strategy_and_relation_fields_fail_before_anything_is_built(tmp_path, overrides,
