@@ -58,7 +58,7 @@ def get_config(arg=None):
   # at conflict_level "auto" (a gradient method's own level; a loss-level method's, e.g. ew:
   # the shared features, ≈ 0.3 s more a logging step of this model on the 2-core CPU), or
   # "parameter" / "representation" (the parameter level costs a loss-level method a per-task
-  # backward pass through the backbone, ≈ 15-30 s a logging step here); TAG's inter-task
+  # backward pass through the backbone, ≈ 15-33 s a logging step here); TAG's inter-task
   # affinity every affinity_every steps (0: off) with the lookahead rate affinity_lr (0: the
   # optimizer's learning rate at the step). None of them changes the training trajectory.
   config.relations = ml_collections.ConfigDict({
