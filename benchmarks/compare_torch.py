@@ -28,8 +28,8 @@ Writes ``<out>/compare_torch_<setup>.json`` (every step time, hardware, versions
 average before and after) and ``.md`` (the table the README shows) -- the table only when the
 1-minute load average stayed within the usable cores plus half a core (the benchmark's own
 threads count toward the load: an idle machine running it alone reads ≈ the core count; else a
-warning; ``--allow-busy`` writes it marked as not a speed figure). ``--torch off`` (or no torch installed, with ``--torch
-auto``) measures the mtjax side alone.
+warning; ``--allow-busy`` writes it marked as not a speed figure). ``--torch off`` (or no
+torch installed, with ``--torch auto``) measures the mtjax side alone.
 """
 
 import os

@@ -5,13 +5,15 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mtjax import relations, weighting
-from mtjax.models import labels
+from mtjax.models import build, labels
 from mtjax.tasks import loss_and_parts
 from mtjax.train import step as step_lib
-from tests.helpers import scenes, tiny_setup, tiny_trainer
+from mtjax.train.trainer import make_trainer
+from tests.helpers import scenes, tiny_setup, tiny_tasks, tiny_trainer
 
 NAMES = ("segmentation", "depth")
 
@@ -128,7 +130,9 @@ def step_relations():
   model, tasks, _ = tiny_setup(NAMES)
   trainer, state, mesh = tiny_trainer(
       weighting.get("ew"), task_names=NAMES, batch=4, size=16, conflict_every=1,
-      affinity_every=1, lookahead_lr=0.5, donate=False, devices=jax.devices()[:1])
+      conflict_level="parameter", affinity_every=1, lookahead_lr=0.5, donate=False,
+      devices=jax.devices()[:1])
+  assert trainer.conflict_level == "parameter"
   params, stats = jax.device_get((state.params, state.batch_stats))
   _, metrics = trainer.step(state, step_lib.shard_batch(batch, mesh))
   return (jax.device_get(metrics), model, tasks, params, stats,
@@ -152,7 +156,8 @@ def test_step_conflict_and_affinity_match_a_direct_computation(step_relations):
                         axis=1).astype(np.float64)
   norms = np.linalg.norm(flat, axis=1)
   cos = flat @ flat.T / np.outer(norms, norms)
-  # A loss-level method: the per-task gradients under the cond, at the parameter level.
+  # A loss-level method asked for the parameter level: the per-task gradients of the shared
+  # parameters under the cond.
   np.testing.assert_allclose(out["conflict/cosine"], cos, atol=2e-4)
   np.testing.assert_allclose(out["conflict/grad_norm"], norms, rtol=2e-4)
   assert out["conflict/fraction"] == float(cos[0, 1] < 0)
@@ -162,6 +167,68 @@ def test_step_conflict_and_affinity_match_a_direct_computation(step_relations):
       for i in range(len(NAMES))])
   np.testing.assert_allclose(out["affinity"], expected, atol=2e-5)
   assert np.all(np.diag(out["affinity"]) > 0)  # each task's own step helps it
+
+
+def test_conflict_level_rule_and_errors():
+  model, _, _ = tiny_setup(NAMES)
+
+  class NoEncoder:  # what a cross-stitch model looks like to the rule
+    pass
+
+  ew, mgda = weighting.get("ew"), weighting.get("mgda")
+  level = step_lib.conflict_level_of
+  assert level(model, ew, "parameter") == "representation"  # no level of its own: the features
+  assert level(NoEncoder(), ew, "parameter") == "parameter"  # no shared features
+  assert level(model, mgda, "parameter") == "parameter"  # a gradient method keeps its own
+  assert level(model, mgda, "representation") == "representation"
+  assert level(model, ew, "parameter", "parameter") == "parameter"
+  assert level(model, mgda, "parameter", "representation") == "representation"
+  with pytest.raises(ValueError, match=r"relations.conflict_level: got 'layer'"):
+    level(model, ew, "parameter", "layer")
+  with pytest.raises(ValueError, match=r"relations.conflict_level: 'representation'.*NoEncoder"):
+    level(NoEncoder(), ew, "parameter", "representation")
+
+
+def test_representation_conflict_of_identical_and_opposite_tasks_in_the_step():
+  """Equal weighting (loss level) measures conflict on the shared features: tasks ``a`` and
+  ``b`` are the same depth task with the same head (cosine 1), ``c`` its negated loss (cosine
+  −1 with both); the norms are those of ∂L_t/∂features; measuring changes no bit of the step."""
+  depth = tiny_tasks(("depth",))["depth"]
+  negated = depth._replace(loss_fn=lambda out, batch: -loss_and_parts(depth, out, batch)[0])
+  tasks = {"a": depth, "b": depth, "c": negated}
+  model = build("resnet_tiny", tasks, width=8, output_stride=4, stem="small", head_hidden=8)
+  mesh = step_lib.make_mesh(jax.devices()[:1])
+  kw = dict(image_shape=(16, 16, 3), batch_size=4, mesh=mesh, donate=False)
+  measured = make_trainer(model, tasks, weighting.get("ew"), optax.sgd(0.1), conflict_every=1,
+                          **kw)
+  plain = make_trainer(model, tasks, weighting.get("ew"), optax.sgd(0.1), **kw)
+  assert measured.conflict_level == "representation" and plain.conflict_level is None
+  state = jax.device_get(measured.init(jax.random.PRNGKey(0)))
+  for tree in (state.params, state.batch_stats):  # one head, three times
+    tree["heads_b"] = tree["heads_c"] = tree["heads_a"]
+  batch = jax.tree_util.tree_map(jnp.asarray, scenes(4, size=16))
+  new, metrics = jax.device_get(measured.step(state, step_lib.shard_batch(batch, mesh)))
+  np.testing.assert_allclose(metrics["conflict/cosine"],
+                             [[1, 1, -1], [1, 1, -1], [-1, -1, 1]], atol=1e-6)
+  assert metrics["conflict/fraction"] == pytest.approx(2 / 3)
+
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  features, _ = model.apply(variables, batch["image"], True, method="encode",
+                            mutable=["batch_stats"])
+
+  def loss_of_features(f):
+    out, _ = model.apply(variables, f, "a", (16, 16), True, method="decode",
+                         mutable=["batch_stats"])
+    return loss_and_parts(depth, out, batch)[0]
+
+  norm = float(jnp.linalg.norm(jax.grad(loss_of_features)(features)))
+  np.testing.assert_allclose(metrics["conflict/grad_norm"], [norm] * 3, rtol=1e-4)
+  again, plain_metrics = jax.device_get(plain.step(state, step_lib.shard_batch(batch, mesh)))
+  for x, y in zip(jax.tree_util.tree_leaves((new.params, new.batch_stats, new.opt_state)),
+                  jax.tree_util.tree_leaves((again.params, again.batch_stats, again.opt_state)),
+                  strict=True):
+    np.testing.assert_array_equal(x, y)
+  assert plain_metrics["loss"] == metrics["loss"] and "conflict/cosine" not in plain_metrics
 
 
 def test_group_command_reads_a_runs_affinity(tmp_path):

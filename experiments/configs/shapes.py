@@ -54,13 +54,15 @@ def get_config(arg=None):
       "specific_steps": 50, "shared_steps": 50,   # alternating: heads, then the shared part
       "initial_tasks": 1, "add_every": 100,       # progressive: tasks at step 0, then one more
       "freeze_shared": False})                    # progressive: freeze the backbone once adding
-  # Task relations (mtjax/relations.py): gradient conflict at every logging step (conflict=True;
-  # off by default: with a loss-level method at the parameter level it costs a vmapped per-task
-  # backward pass at each logging step, measured ≈ 15 s a logging step for this model on the
-  # 2-core CPU); TAG's inter-task affinity every affinity_every steps (0: off) with the
-  # lookahead rate affinity_lr (0: the optimizer's learning rate at the step).
+  # Task relations (mtjax/relations.py): gradient conflict at every logging step (conflict),
+  # at conflict_level "auto" (a gradient method's own level; a loss-level method's, e.g. ew:
+  # the shared features, ≈ 0.3 s more a logging step of this model on the 2-core CPU), or
+  # "parameter" / "representation" (the parameter level costs a loss-level method a per-task
+  # backward pass through the backbone, ≈ 15-33 s a logging step here); TAG's inter-task
+  # affinity every affinity_every steps (0: off) with the lookahead rate affinity_lr (0: the
+  # optimizer's learning rate at the step). None of them changes the training trajectory.
   config.relations = ml_collections.ConfigDict({
-      "conflict": False, "affinity_every": 0, "affinity_lr": 0.0})
+      "conflict": True, "conflict_level": "auto", "affinity_every": 0, "affinity_lr": 0.0})
   config.batch_size = 32
   config.num_steps = 1000
   config.log_every = 50

@@ -244,10 +244,12 @@ def matrix_keys(records) -> list[str]:
   return sorted(keys)
 
 
-def relation_heatmaps(log_path: str, png_path: str, names, max_steps: int = 5) -> bool:
+def relation_heatmaps(log_path: str, png_path: str, names, max_steps: int = 5,
+                      titles: dict | None = None) -> bool:
   """One row per (T, T) matrix in the log: heatmaps at up to ``max_steps`` logged steps
-  (evenly spread) and their mean over all of them. Returns False (and writes nothing) when the
-  log has none."""
+  (evenly spread) and their mean over all of them (``titles``: a key's title, default the key,
+  e.g. the level of the conflict cosine). Returns False (and writes nothing) when the log has
+  none."""
   records = read_log(log_path)
   keys = matrix_keys(records)
   if not keys:
@@ -278,7 +280,7 @@ def relation_heatmaps(log_path: str, png_path: str, names, max_steps: int = 5) -
       ax.set_xticklabels([n[:5] for n in ticks], fontsize=6)
       ax.set_yticks(range(t))
       ax.set_yticklabels([n[:5] for n in ticks], fontsize=6)
-      ax.set_title(f"{key}\n{title}", fontsize=7)
+      ax.set_title(f"{(titles or {}).get(key, key)}\n{title}", fontsize=7)
     for ax in row[len(cells):]:
       ax.axis("off")
   fig.tight_layout()

@@ -112,30 +112,37 @@ def _groups(model, cfg) -> list[str]:
   return labels.groups(model, shapes["params"])
 
 
-def make_trainer(cfg, exp: Experiment, mesh):
-  """The experiment's :class:`mtjax.train.trainer.Trainer` (checks ``config.grad_level``)."""
+def make_trainer(cfg, exp: Experiment, mesh, relation_args: dict | None = None):
+  """The experiment's :class:`mtjax.train.trainer.Trainer` (checks ``config.grad_level``);
+  ``relation_args``: :func:`_relations_and_phases` of ``cfg`` if already read."""
   with _building():
+    if relation_args is None:
+      relation_args = _relations_and_phases(cfg)
     return trainer_lib.make_trainer(
         exp.model, exp.tasks, exp.method, exp.optimizer, image_shape=(*cfg.dataset.image_size, 3),
         batch_size=cfg.batch_size, grad_level=cfg.grad_level, frozen=optim.group_rules(
             optimizer_config(cfg))[1], lookahead_lr=exp.schedule, mesh=mesh,
         nonfinite=cfg.get("nonfinite", "stop"),
         max_consecutive_skips=cfg.get("max_consecutive_skips", 10),
-        task_chunk=cfg.get("task_chunk", 0), **_relations_and_phases(cfg))
+        task_chunk=cfg.get("task_chunk", 0), **relation_args)
 
 
 def _relations_and_phases(cfg) -> dict:
   """The trainer's relation and strategy arguments from ``config.relations`` and
-  ``config.strategy`` / ``config.phases`` (absent: conflict at logging steps, no affinity, end
-  to end)."""
+  ``config.strategy`` / ``config.phases`` (absent: conflict at logging steps at the automatic
+  level, no affinity, end to end)."""
   rel = dict(cfg.get("relations", None) or {})
-  unknown = sorted(set(rel) - {"conflict", "affinity_every", "affinity_lr"})
+  unknown = sorted(set(rel) - {"conflict", "conflict_level", "affinity_every", "affinity_lr"})
   if unknown:
     raise ValueError(f"relations: unknown field(s) {unknown}; expected conflict, "
-                     "affinity_every, affinity_lr")
+                     "conflict_level, affinity_every, affinity_lr")
   conflict = rel.get("conflict", True)
   if not isinstance(conflict, bool):
     raise ValueError(f"relations.conflict: got {conflict!r}; expected a bool")
+  level = rel.get("conflict_level", "auto")
+  if level not in step_lib.CONFLICT_LEVELS:
+    raise ValueError(f"relations.conflict_level: got {level!r}; expected one of "
+                     f"{step_lib.CONFLICT_LEVELS}")
   every = rel.get("affinity_every", 0)
   if not (isinstance(every, int) and not isinstance(every, bool) and every >= 0):
     raise ValueError(f"relations.affinity_every: got {every!r}; expected an int >= 0 (0: off)")
@@ -147,7 +154,8 @@ def _relations_and_phases(cfg) -> dict:
   phases = cfg.get("phases", None)
   names = tuple(cfg.tasks)
   return {"conflict_every": cfg.log_every if conflict else 0, "last_step": cfg.num_steps,
-          "affinity_every": every, "affinity_lr": float(lr) if lr else None,
+          "conflict_level": level, "affinity_every": every,
+          "affinity_lr": float(lr) if lr else None,
           "phase_at": None if strategy == "end_to_end" else functools.partial(
               strategies.phase_at, strategy, phases, names)}
 
@@ -424,7 +432,9 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   mesh = make_mesh(cfg)
   config_lib.validate(cfg, mesh.size)
   exp = build(cfg)
-  trainer = make_trainer(cfg, exp, mesh)
+  with _building():
+    relation_args = _relations_and_phases(cfg)
+  trainer = make_trainer(cfg, exp, mesh, relation_args)
   resume_step = check_workdir(cfg, workdir)
   entries = config_lib.dataset_entries(cfg)
   transforms = []
@@ -497,7 +507,7 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   else:
     def train_step(state, batch, step):
       return trainer.step(state, batch, phase=trainer.phase(step))
-  affinity_every = (cfg.get("relations", None) or {}).get("affinity_every", 0)
+  affinity_every = relation_args["affinity_every"]
   names = tuple(exp.tasks)
   mngr = checkpoint.manager(ckpt_dir, cfg.keep_checkpoints)
   board = _tensorboard(cfg, workdir, names)
@@ -684,7 +694,8 @@ def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None, board=None,
     tables.append(metrics.format_table(results, None if np.isnan(delta) else delta,
                                        f"{split}, step {int(state.step)}, "
                                        f"method {cfg.weighting.name}"))
-  out.update(_relations_summary(os.path.join(workdir, "metrics.jsonl"), tuple(exp.tasks)))
+  out.update(_relations_summary(os.path.join(workdir, "metrics.jsonl"), tuple(exp.tasks),
+                                trainer.conflict_level))
   text = "\n\n".join(tables)
   if not _primary():  # several hosts: process 0 writes the files
     return out
@@ -696,7 +707,10 @@ def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None, board=None,
   log_path = os.path.join(workdir, "metrics.jsonl")
   plot_curves(log_path, os.path.join(workdir, "curves.png"),
               {"step": int(state.step), **_flat(out["validation"]["metrics"], "validation")})
-  figures.relation_heatmaps(log_path, os.path.join(workdir, "relations.png"), tuple(exp.tasks))
+  figures.relation_heatmaps(
+      log_path, os.path.join(workdir, "relations.png"), tuple(exp.tasks),
+      titles={"conflict/cosine": f"conflict/cosine ({trainer.conflict_level} level)"}
+      if trainer.conflict_level else None)
   (show or _prediction_shower(cfg, exp, workdir, val_arrays[0] if isinstance(
       val_arrays, list) else val_arrays, board))(state, int(state.step))
   if board:
@@ -704,9 +718,9 @@ def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None, board=None,
   return out
 
 
-def _relations_summary(log_path: str, names) -> dict:
+def _relations_summary(log_path: str, names, conflict_level: str | None = None) -> dict:
   """``{"relations": {...}}``: TAG's affinity and the gradient cosine averaged over the run's
-  log (empty when neither was logged)."""
+  log, with the gradient level of the cosine (empty when neither was logged)."""
   if not os.path.exists(log_path):
     return {}
   with open(log_path) as f:
@@ -720,6 +734,8 @@ def _relations_summary(log_path: str, names) -> dict:
   fractions = [r["conflict/fraction"] for r in records if "conflict/fraction" in r]
   if fractions:
     out["conflict_fraction"] = float(np.mean(fractions))
+    if conflict_level:
+      out["conflict_level"] = conflict_level
   return {"relations": out} if len(out) > 1 else {}
 
 

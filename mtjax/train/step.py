@@ -215,6 +215,32 @@ def check_grad_level(model, grad_level: str) -> None:
         "use grad_level='parameter'")
 
 
+CONFLICT_LEVELS = ("auto", *GRAD_LEVELS)
+
+
+def conflict_level_of(model, method, grad_level: str, requested: str = "auto") -> str:
+  """The gradient level at which the step measures gradient conflict (``conflict/*``).
+
+  ``"auto"``: a gradient-level method's own level (``grad_level``: the task gradients it
+  balances); a loss- or meta-level method has none, and gets the shared representation when
+  the model has a shared encoder (the T feature cotangents: the heads' backward passes, no
+  backward pass through the backbone per task), else the shared parameters. ``"parameter"`` or
+  ``"representation"``: that level (the representation needs a shared encoder).
+  """
+  if requested not in CONFLICT_LEVELS:
+    raise ValueError(f"relations.conflict_level: got {requested!r}; expected one of "
+                     f"{CONFLICT_LEVELS}")
+  if requested == "auto":
+    if method.level == "gradient":
+      return grad_level
+    return "representation" if has_shared_encoder(model) else "parameter"
+  if requested == "representation" and not has_shared_encoder(model):
+    raise ValueError(
+        f"relations.conflict_level: 'representation' needs a shared representation, and "
+        f"{type(model).__name__} has no shared encoder; use 'parameter' or 'auto'")
+  return requested
+
+
 class TaskTerms(NamedTuple):
   """What one forward pass gives (see the module docstring)."""
 
@@ -223,7 +249,9 @@ class TaskTerms(NamedTuple):
   outputs: dict              # {task: output}
   batch_stats: Any           # the batch statistics after this pass
   combine: Callable          # weights (T,) -> ∇ Σ_t w_t L_t of every parameter
-  per_task: Callable         # () -> (task grads with a leading T axis, finish)
+  # (level=None) -> (task grads with a leading T axis, finish) at ``level`` ("parameter" or
+  # "representation"; None: the pass's ``grad_level``)
+  per_task: Callable
   # chunk -> (the (T, T) Gram matrix of the shared parameters' task gradients, computed
   # `chunk` tasks at a time, and finish: weights (T,) -> every parameter's gradient with the
   # shared part Σ_t w_t g_t); None without a shared encoder.
@@ -346,9 +374,9 @@ def _encoder_terms(model, tasks, params, batch_stats, batch, grad_level, train, 
     head_grads, feature_grads = backward_heads(jnp.ones_like(losses))
     return _tree_stack(feature_grads), labels.merge(*head_grads)
 
-  def per_task():
+  def per_task(level=None):
     stacked, head_grads = task_cotangents()
-    if grad_level == "representation":
+    if (level or grad_level) == "representation":
       return stacked, lambda direction: labels.merge(encode_vjp(direction)[0], head_grads)
     (shared,) = jax.vmap(encode_vjp)(stacked)
     return shared, lambda direction: labels.merge(direction, head_grads)
@@ -404,9 +432,9 @@ def _joint_terms(model, tasks, params, batch_stats, batch, grad_level, train, tr
   def combine(weights):
     return labels.merge(*vjp(jnp.asarray(weights, losses.dtype)))
 
-  def per_task():
-    if grad_level != "parameter":
-      check_grad_level(model, grad_level)
+  def per_task(level=None):
+    if (level or grad_level) != "parameter":
+      check_grad_level(model, level or grad_level)
     shared_grads, specific_grads = jax.vmap(vjp)(jnp.eye(len(names), dtype=losses.dtype))
     specific_sum = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), specific_grads)
     return shared_grads, lambda direction: labels.merge(direction, specific_sum)
@@ -421,7 +449,7 @@ def _joint_terms(model, tasks, params, batch_stats, batch, grad_level, train, tr
 
 
 def balance(terms: TaskTerms, method, weighting_state, key, task_chunk: int = 0,
-            cross: jax.Array | None = None, *, conflict=None):
+            cross: jax.Array | None = None, *, conflict=None, conflict_level=None):
   """``(gradient of every parameter, new weighting state, task weights)`` under ``method``.
 
   ``task_chunk > 0`` (a gradient-level ``method`` with ``from_gram``, an encoder model, the
@@ -431,40 +459,49 @@ def balance(terms: TaskTerms, method, weighting_state, key, task_chunk: int = 0,
   halves of the batch (:func:`cross_gram`) goes to ``method.from_gram``, and the direction is
   ``Σ_t w_t g_t`` of the whole batch (``terms.weighted``).
   ``conflict`` (a bool, traced or not): also return, as a fourth element,
-  :func:`mtjax.relations.conflict_metrics` of the task gradients at the step's level, from the
-  Gram matrix a chunked step already has, else computed under ``lax.cond`` only where
-  ``conflict`` holds (a loss-level method then pays for the per-task gradients at those steps
-  only; zeros elsewhere).
+  :func:`mtjax.relations.conflict_metrics` of the task gradients at ``conflict_level`` (None:
+  the level of ``terms``; :func:`conflict_level_of` picks it): from the Gram matrix a chunked
+  step already has (parameter level), from the task gradients a gradient-level method already
+  has (its own level), else computed under ``lax.cond`` only where ``conflict`` holds (a
+  loss-level method pays for the per-task gradients at those steps only; zeros elsewhere).
   """
-  out = _balance(terms, method, weighting_state, key, task_chunk, cross, conflict)
+  out = _balance(terms, method, weighting_state, key, task_chunk, cross, conflict,
+                 conflict_level)
   return out if conflict is not None else out[:3]
 
 
-def _balance(terms, method, weighting_state, key, task_chunk, cross, conflict):
+def _balance(terms, method, weighting_state, key, task_chunk, cross, conflict, conflict_level):
+  def measured(task_grads=None):
+    """The conflict metrics where ``conflict`` holds: of ``task_grads`` (the step's own), else
+    of ``terms.per_task(conflict_level)`` (computed under the cond only)."""
+    if conflict is None:
+      return None
+    if task_grads is not None:
+      return relations_lib.when(conflict, relations_lib.conflict_from_grads, task_grads)
+    return relations_lib.when(
+        conflict, lambda: relations_lib.conflict_from_grads(terms.per_task(conflict_level)[0]))
+
   if cross is not None:
     weights, weighting_state = method.from_gram(cross, weighting_state, losses=terms.losses,
                                                 key=key)
-    seen = None if conflict is None else relations_lib.when(
-        conflict, lambda: relations_lib.conflict_from_grads(terms.per_task()[0]))
-    return terms.weighted(weights), weighting_state, weights, seen
+    return terms.weighted(weights), weighting_state, weights, measured()
   if task_chunk and method.level == "gradient":
     gram, finish = terms.gram_terms(task_chunk)
     weights, weighting_state = method.from_gram(gram, weighting_state, losses=terms.losses,
                                                 key=key)
-    seen = relations_lib.conflict_metrics(gram) if conflict is not None else None
+    seen = (relations_lib.conflict_metrics(gram)
+            if conflict is not None and conflict_level in (None, "parameter") else measured())
     return finish(weights), weighting_state, weights, seen
   if method.level == "loss":
     _, weighting_state, weights = method.update(None, weighting_state, losses=terms.losses,
                                                 key=key)
-    seen = None if conflict is None else relations_lib.when(
-        conflict, lambda: relations_lib.conflict_from_grads(terms.per_task()[0]))
-    return terms.combine(jax.lax.stop_gradient(weights)), weighting_state, weights, seen
+    return (terms.combine(jax.lax.stop_gradient(weights)), weighting_state, weights,
+            measured())
   if method.level == "gradient":
     task_grads, finish = terms.per_task()
     direction, weighting_state, weights = method.update(task_grads, weighting_state,
                                                         losses=terms.losses, key=key)
-    seen = None if conflict is None else relations_lib.when(
-        conflict, relations_lib.conflict_from_grads, task_grads)
+    seen = measured(task_grads if conflict_level is None else None)
     return finish(direction), weighting_state, weights, seen
   raise ValueError(f"weighting level {method.level!r} needs its own train step "
                    "(see mtjax.train.meta for 'meta')")

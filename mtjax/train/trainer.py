@@ -36,6 +36,7 @@ from mtjax.train.step import (
   check_grad_level,
   check_nonfinite_policy,
   check_task_chunk,
+  conflict_level_of,
   cross_gram,
   make_mesh,
   place,
@@ -56,6 +57,9 @@ class Trainer(NamedTuple):
   # 0-based step -> the strategy's Phase of that step (mtjax.train.strategies); the loop
   # passes it to ``step``, which compiles once per distinct phase.
   phase: Callable = lambda step: strategies_lib.END_TO_END
+  # The gradient level of the logged conflict/* metrics ("parameter" or "representation");
+  # None when the step does not measure them (conflict_every=0).
+  conflict_level: str | None = None
 
 
 def gradient_like(model, params, batch_stats, *, grad_level, image_shape, batch_size):
@@ -78,8 +82,8 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
                  grad_level: str = "parameter", frozen=(), lookahead_lr=None, mesh=None,
                  donate: bool = True, nonfinite: str = "stop",
                  max_consecutive_skips: int = 10, task_chunk: int = 0, conflict_every: int = 0,
-                 last_step: int = 0, affinity_every: int = 0, affinity_lr=None,
-                 phase_at: Callable | None = None) -> Trainer:
+                 last_step: int = 0, conflict_level: str = "auto", affinity_every: int = 0,
+                 affinity_lr=None, phase_at: Callable | None = None) -> Trainer:
   """The state factory and the jitted steps of one experiment.
 
   ``tasks`` maps names to :class:`mtjax.tasks.Task`; ``method`` is a weighting method;
@@ -104,12 +108,14 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
   Relations (:mod:`mtjax.relations`), computed on device behind a ``lax.cond`` only at the
   steps that report them (the step stays one compiled program): ``conflict_every > 0``: the
   gradient-conflict metrics ``conflict/*`` at the steps ``n`` (counted from 1) with ``n %
-  conflict_every == 0`` or ``n == last_step`` (the loop's logging steps), at the step's
-  gradient level (a loss-level method: ``grad_level``'s per-task gradients, computed at those
-  steps only); ``affinity_every > 0``: TAG's ``affinity`` (T, T) at the steps ``n %
-  affinity_every == 0``, with the lookahead rate ``affinity_lr`` (a float or schedule;
-  default ``lookahead_lr``, the optimizer's schedule). ``phase_at``: the strategy, step ->
-  :class:`mtjax.train.strategies.Phase` (the optimizer must then be
+  conflict_every == 0`` or ``n == last_step`` (the loop's logging steps), at the level
+  :func:`mtjax.train.step.conflict_level_of` picks from ``conflict_level`` (``"auto"``: a
+  gradient-level method's own level; a loss- or meta-level method's: the shared representation
+  of an encoder model, else the shared parameters; computed at those steps only;
+  ``Trainer.conflict_level`` says which); ``affinity_every > 0``: TAG's ``affinity`` (T, T)
+  at the steps ``n % affinity_every == 0``, with the lookahead rate ``affinity_lr`` (a float
+  or schedule; default ``lookahead_lr``, the optimizer's schedule). ``phase_at``: the
+  strategy, step -> :class:`mtjax.train.strategies.Phase` (the optimizer must then be
   :func:`mtjax.train.optim.make_grouped_optimizer`); None: end to end.
   """
   check_grad_level(model, grad_level)
@@ -124,6 +130,9 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
   check_double_sampling(method, batch_size, mesh.devices.size, task_chunk)
   names = tuple(tasks)
   frozen = tuple(frozen)
+  level = conflict_level_of(model, method, grad_level, conflict_level)
+  # None: the task gradients a gradient-level method already has (or its chunked Gram matrix).
+  measure_at = None if method.level == "gradient" and level == grad_level else level
 
   def init_host(key) -> TrainState:
     init_key, root_key = jax.random.split(key)
@@ -187,13 +196,13 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
             model, tasks, method, state, terms, batch, meta_batch, alpha, key, step_frozen)
         if logs is not None:
           seen = relations.when(
-              logs, lambda: relations.conflict_from_grads(terms.per_task()[0]))
+              logs, lambda: relations.conflict_from_grads(terms.per_task(level)[0]))
       else:
         cross = (cross_gram(model, tasks, state.params, state.batch_stats, batch,
                             grad_level=grad_level, frozen=step_frozen)
                  if double_sampling else None)
         out = balance(terms, method, state.weighting_state, key, task_chunk, cross,
-                      conflict=logs)
+                      conflict=logs, conflict_level=measure_at)
         grads, wstate, weights = out[:3]
         seen = out[3] if logs is not None else {}
       if mask is not None:
@@ -250,4 +259,5 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
                        "(trainer.phase(step))")
     return jitted_step(phase or strategies_lib.END_TO_END)(state, (batch, meta_batch))
 
-  return Trainer(init, train_step, jitted_eval, grad_level, shardings, phase_of)
+  return Trainer(init, train_step, jitted_eval, grad_level, shardings, phase_of,
+                 level if conflict_every else None)

@@ -122,9 +122,13 @@ def data_dir(tmp_path_factory):
 
 
 def test_alternating_resumes_mid_phase_bitwise_with_one_compile_per_phase(data_dir, tmp_path):
+  # Four steps: the heads train at steps 0-1, the backbone at 2-3 (0-based); conflict logging
+  # is on (the default). The cut run stops after three steps and resumes in the middle of the
+  # backbone phase.
+  fields = {"phases.specific_steps": 2, "phases.shared_steps": 2, "num_steps": 4,
+            "eval_every": 2, "checkpoint_every": 0}
   cfg = tiny_config(data_dir, method="dwa", strategy="alternating", prediction_images=2,
-                    tensorboard=True, **{"phases.specific_steps": 2, "phases.shared_steps": 2,
-                                         "relations.conflict": True})
+                    tensorboard=True, **fields)
   compiled = []
 
   def on_duration(event, duration, **kwargs):
@@ -138,24 +142,48 @@ def test_alternating_resumes_mid_phase_bitwise_with_one_compile_per_phase(data_d
     jax.monitoring.unregister_event_duration_listener(on_duration)
   assert compiled.count("jit(step)") == len(st.distinct_phases(
       "alternating", cfg.phases, cfg.tasks, 0, cfg.num_steps)) == 2
-  # Stopped after step 3, in the middle of the second phase (steps 3-4 freeze the heads); no
-  # figures there (presentation fields: the same run, one compile fewer).
-  cut = tiny_config(data_dir, method="dwa", strategy="alternating",
-                    **{"phases.specific_steps": 2, "phases.shared_steps": 2,
-                       "relations.conflict": True})
+  # No figures in the cut run (presentation fields: the same run, one compile fewer).
+  cut = tiny_config(data_dir, method="dwa", strategy="alternating", **fields)
   assert loop.train(cut, str(tmp_path / "cut"), progress=False, stop_after=3) == {}
+  assert st.phase_at(cut.strategy, cut.phases, cut.tasks, 2) == st.phase_at(
+      cut.strategy, cut.phases, cut.tasks, 3)  # the resumed step is mid-phase
   loop.train(cut, str(tmp_path / "cut"), progress=False)
   full, cut = restore_latest(tmp_path / "full")[1], restore_latest(tmp_path / "cut")[1]
   assert _tree_equal(full, cut)
   assert read_log(tmp_path / "full") == read_log(tmp_path / "cut")
   # What a run shows: a prediction grid at each evaluation and at the end, the conflict
   # heatmaps, TensorBoard events (presentation: the trajectory above is unchanged by them).
-  for name in ("predictions/step_3.png", "predictions/step_6.png", "relations.png",
+  for name in ("predictions/step_2.png", "predictions/step_4.png", "relations.png",
                "curves.png"):
     assert (tmp_path / "full" / name).exists(), name
   assert figures.events_in(str(tmp_path / "full"))
   out = json.loads((tmp_path / "full" / "results.json").read_text())["relations"]
-  assert out["tasks"] == list(cfg.tasks) and out["conflict_cosine_count"] == 3
+  assert out["tasks"] == list(cfg.tasks) and out["conflict_cosine_count"] == 2
+  assert out["conflict_level"] == "representation"  # dwa: loss level, an encoder model
+
+
+def test_alternating_taskwise_through_the_loop_trains_one_head_and_the_backbone_a_step(
+    data_dir, tmp_path):
+  import orbax.checkpoint as ocp
+
+  cfg = tiny_config(data_dir, strategy="alternating_taskwise", num_steps=4, log_every=1,
+                    eval_every=0, checkpoint_every=1, keep_checkpoints=4,
+                    **{"optimizer.schedule": "constant"})  # no warm-up: step 0 moves too
+  assert loop.train(cfg, str(tmp_path), progress=False, stop_after=3) == {}  # one round
+  exp = loop.build(cfg)
+  before = jax.device_get(loop.make_trainer(cfg, exp, step_lib.make_mesh()).init(
+      jax.random.PRNGKey(cfg.seed)).params)
+  records = [r for r in read_log(tmp_path) if r["split"] == "train"]
+  for done, record in zip((1, 2, 3), records, strict=True):
+    after = ocp.StandardCheckpointer().restore(
+        str(tmp_path / "checkpoints" / str(done) / "state"))["params"]
+    old, new = labels.split(exp.model, before), labels.split(exp.model, after)
+    moved = {owner for owner in new if not _tree_equal(old[owner], new[owner])}
+    task = cfg.tasks[done - 1]  # step done - 1 (0-based) trains task (done - 1) % T
+    assert moved == {labels.SHARED, task}, (done, moved)
+    assert record["step"] == done
+    assert [record[f"weight/{n}"] for n in cfg.tasks] == [float(n == task) for n in cfg.tasks]
+    before = after
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -164,6 +192,7 @@ def test_alternating_resumes_mid_phase_bitwise_with_one_compile_per_phase(data_d
                                                     "loss-level"),
     ({"strategy": "progressive", "phases.add_every": 0}, "config.phases.add_every"),
     ({"relations.affinity_every": -1}, "config.relations.affinity_every"),
+    ({"relations.conflict_level": "layer"}, "config.relations.conflict_level: got 'layer'"),
     ({"prediction_images": -2}, "config.prediction_images"),
 ])
 def test_bad_strategy_and_relation_fields_fail_before_anything_is_built(tmp_path, overrides,

@@ -56,16 +56,21 @@ def test_chunked_gram_and_updates_match_stacked_gradients():
 
 
 def test_chunked_trainer_matches_unchunked_over_steps():
-  # A stateful method (MoDo's λ) through the jitted step: two steps, same state.
+  # A stateful method (MoDo's λ) through the jitted step: two steps, same state; the conflict
+  # metrics of the chunked step (from its Gram matrix) equal those of the stacked gradients.
   batch = scenes(BATCH, SIZE)
   results = []
   for chunk in (0, 3):
     method = weighting.get("modo", gamma=0.1, double_sampling=False)  # chunks: one sample
     trainer, state, mesh = tiny_trainer(method, devices=ONE, batch=BATCH, size=SIZE,
-                                        task_chunk=chunk)
+                                        task_chunk=chunk, conflict_every=1)
+    assert trainer.conflict_level == "parameter"
     for _ in range(2):
       state, metrics = trainer.step(state, step_lib.shard_batch(batch, mesh))
     results.append(jax.device_get((state, metrics)))
+  cosine = results[0][1]["conflict/cosine"]
+  assert cosine.shape == (4, 4) and np.all(results[0][1]["conflict/grad_norm"] > 0)
+  assert np.any(np.abs(cosine - np.eye(4)) > 1e-3)  # not a trivial matrix
   _close(results[1], results[0], rtol=1e-3, atol=1e-6)
 
 
