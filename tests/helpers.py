@@ -81,6 +81,7 @@ def tiny_config(data_dir, **overrides):
   cfg.eval_every = 3
   cfg.checkpoint_every = 2
   cfg.prediction_images = 0  # the prediction grids cost a compile: tests ask for them
+  cfg.relations.conflict = False  # so does the conflict branch of the step (on by default)
   return _override(cfg, overrides)
 
 

@@ -123,10 +123,10 @@ def data_dir(tmp_path_factory):
 
 def test_alternating_resumes_mid_phase_bitwise_with_one_compile_per_phase(data_dir, tmp_path):
   # Four steps: the heads train at steps 0-1, the backbone at 2-3 (0-based); conflict logging
-  # is on (the default). The cut run stops after three steps and resumes in the middle of the
-  # backbone phase.
+  # is on (the default of shapes.py; tiny_config turns it off). The cut run stops after three
+  # steps and resumes in the middle of the backbone phase.
   fields = {"phases.specific_steps": 2, "phases.shared_steps": 2, "num_steps": 4,
-            "eval_every": 2, "checkpoint_every": 0}
+            "eval_every": 2, "checkpoint_every": 0, "relations.conflict": True}
   cfg = tiny_config(data_dir, method="dwa", strategy="alternating", prediction_images=2,
                     tensorboard=True, **fields)
   compiled = []
