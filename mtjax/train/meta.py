@@ -95,13 +95,14 @@ def value_function_info(model, tasks, state: TrainState, terms, batch, meta_batc
   stop = jnp.sum(weights * terms.losses) > _INNER_LOSS_LIMIT
   params = sgd(state.params, inner_grad, stop)
 
-  def body(_, carry):
-    params, stop = carry
+  # A Python loop (``inner_steps`` is static), not ``lax.fori_loop``: XLA's CPU backend ran the
+  # convolutions of a while-loop body ≈ 30× slower (FORUM's step on the tiny setup: 92× an EW
+  # step with fori_loop, 3.4× unrolled; benchmarks/step_time.py, 2026-11-29), for a compile
+  # that grows with the steps instead.
+  for _ in range(spec.inner_steps - 1):
     inner = task_terms(model, tasks, params, state.batch_stats, batch, frozen=frozen)
     stop = stop | (jnp.sum(weights * inner.losses) > _INNER_LOSS_LIMIT)
-    return sgd(params, inner.combine(weights), stop), stop
-
-  params, _ = jax.lax.fori_loop(0, spec.inner_steps - 1, body, (params, stop))
+    params = sgd(params, inner.combine(weights), stop)
   inner_losses = task_losses(model, tasks, params, state.batch_stats, batch)
 
   meta_terms = task_terms(model, tasks, state.params, state.batch_stats, meta_batch,
