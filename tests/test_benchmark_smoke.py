@@ -10,7 +10,7 @@ def test_step_time_smoke(tmp_path):
   out = tmp_path / "bench"
   result = step_time.main(["--setup", "tiny", "--methods", "ew,pcgrad", "--levels",
                            "representation", "--steps", "2", "--warmup", "1",
-                           "--image-size", "32", "--batch", "8", "--out", str(out)])
+                           "--image-size", "16", "--batch", "8", "--out", str(out)])
   with open(str(out) + ".json") as f:
     saved = json.load(f)
   assert saved == json.loads(json.dumps(result))
@@ -25,7 +25,7 @@ def test_step_time_smoke(tmp_path):
   assert info["ew_median_ms"] == statistics.median(ew_times)
   pcgrad = saved["rows"][1]
   assert pcgrad["ratio"] == pcgrad["median_ms"] / info["ew_median_ms"]
-  assert info["batch"] == 8 and info["image_size"] == [32, 32] and info["num_tasks"] == 3
+  assert info["batch"] == 8 and info["image_size"] == [16, 16] and info["num_tasks"] == 3
   table = (tmp_path / "bench.md").read_text()
   assert "| ew | loss |" in table and "| pcgrad | representation |" in table
 

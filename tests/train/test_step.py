@@ -39,14 +39,21 @@ def test_per_task_gradients_match_separate_backward_passes():
   model, tasks, _ = tiny_setup()
   _, state, _ = tiny_trainer(_sum_as_gradient_method(), batch=BATCH)
   batch = jax.tree_util.tree_map(jnp.asarray, scenes(BATCH))
-  terms = step_lib.task_terms(model, tasks, state.params, state.batch_stats, batch)
-  task_grads, _ = terms.per_task()
-  for i, name in enumerate(tasks):
-    def task_loss(params, name=name):
-      variables = {"params": params, "batch_stats": state.batch_stats}
-      out, _ = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
-      return tasks[name].loss_fn(out[name], batch)
-    expected = labels.split(model, jax.grad(task_loss)(state.params))[labels.SHARED]
+
+  def task_loss(params, name):
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    out, _ = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
+    return tasks[name].loss_fn(out[name], batch)
+
+  @jax.jit  # one compile for both sides (eager dispatch of every op was most of the time)
+  def both(params):
+    terms = step_lib.task_terms(model, tasks, params, state.batch_stats, batch)
+    separate = [labels.split(model, jax.grad(task_loss)(params, name))[labels.SHARED]
+                for name in tasks]
+    return terms.per_task()[0], separate
+
+  task_grads, separate = both(state.params)
+  for i, expected in enumerate(separate):
     got = jax.tree_util.tree_map(lambda g, i=i: g[i], task_grads)
     _assert_trees_close(got, expected, rtol=1e-4, atol=1e-6)
 
@@ -71,9 +78,11 @@ def test_loss_level_weights_scale_the_gradients():
     out, _ = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"],
                          train=True, mutable=["batch_stats"])
     return 2.0 * tasks["segmentation"].loss_fn(out["segmentation"], batch)
-  grads = jax.grad(loss)(state.params)
-  updates, _ = opt.update(grads, state.opt_state, state.params)
-  expected = jax.tree_util.tree_map(lambda p, u: p + u, state.params, updates)
+  @jax.jit  # one compile (eager dispatch of every op was most of the time)
+  def reference(params, opt_state):
+    updates, _ = opt.update(jax.grad(loss)(params), opt_state, params)
+    return jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
+  expected = reference(state.params, state.opt_state)
   _assert_trees_close(weighted.params, expected, rtol=1e-4, atol=1e-6)
 
 
