@@ -22,7 +22,7 @@ import numpy as np
 from mtjax import checkpoint, data, metrics, models, relations, weighting
 from mtjax import config as config_lib
 from mtjax import tasks as tasks_lib
-from mtjax.data import augment, mixing, pipeline
+from mtjax.data import augment, mixing, pipeline, sources
 from mtjax.errors import RunError, UserError
 from mtjax.models import labels, pretrained
 from mtjax.tasks import detection_plot
@@ -628,12 +628,23 @@ def _tensorboard(cfg, workdir, names):
     raise UserError(str(e)) from None
 
 
+def first_examples(split, n: int) -> dict | None:
+  """The first ``n`` examples of a split: arrays in memory, or a dataset read lazily (a
+  :class:`mtjax.data.sources.Source`: only those ``n`` are read); None when ``n <= 0``."""
+  if n <= 0:
+    return None
+  if isinstance(split, sources.Source):
+    return sources.read_all(split, min(n, split.size))
+  return {k: v[:n] for k, v in split.items()}
+
+
 def _prediction_shower(cfg, exp, workdir, val_arrays, board=None):
   """``show(state, step)``: writes ``predictions/step_<step>.png`` (the first
   ``config.prediction_images`` validation examples, each task's target and prediction, a
   detection task's boxes with class and score; see
   :func:`mtjax.train.figures.prediction_grid`) and adds it to TensorBoard; a no-op at 0."""
-  n = min(cfg.get("prediction_images", 0), len(val_arrays["image"]))
+  val_arrays = first_examples(val_arrays, cfg.get("prediction_images", 0))
+  n = len(val_arrays["image"]) if val_arrays else 0
   if n <= 0:
     return lambda state, step: None
   model, tasks = exp.model, exp.tasks

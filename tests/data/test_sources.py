@@ -225,3 +225,20 @@ def test_protocol_configs_validate_and_read_their_dataset(nyu_root, tmp_path):
   info = data.dataset_info("nyuv2")["tasks"]
   tasks.check_batch({n: tasks.get(n, **info[n]) for n in cfg.tasks},
                     pipeline.train_batch(train, seed=0, step=0, batch_size=4), HW, 4)
+
+
+def test_the_prediction_grid_reads_only_its_first_examples_of_a_lazy_split():
+  """``loop.first_examples``: a dataset read lazily (NYUv2, Cityscapes) gives the prediction grid
+  its first n examples without reading the rest; arrays in memory are sliced; n <= 0: None."""
+  from mtjax.train import loop
+
+  arrays = {"image": np.arange(10 * 2, dtype=np.float32).reshape(10, 2),
+            "depth": np.arange(10, dtype=np.float32)}
+  read = []
+  lazy = sources.Source(10, lambda i: (read.append(i), {k: v[i] for k, v in arrays.items()})[1])
+  got = loop.first_examples(lazy, 3)
+  assert read == [0, 1, 2]
+  for key, value in arrays.items():
+    np.testing.assert_array_equal(got[key], value[:3])
+  assert loop.first_examples(lazy, 0) is None and len(read) == 3
+  np.testing.assert_array_equal(loop.first_examples(arrays, 20)["depth"], arrays["depth"])
