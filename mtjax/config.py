@@ -4,6 +4,9 @@ Every check happens before anything is compiled; each error names the config fie
 got and what is allowed.
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
 from mtjax import data, models, tasks, weighting
@@ -230,3 +233,14 @@ def _as_json(value):
   if isinstance(value, (tuple, list)):
     return [_as_json(v) for v in value]
   return value
+
+
+def sibling_config(config_file: str, name: str, arg=None):
+  """``get_config(arg)`` of the config file ``name`` beside ``config_file`` (an experiment's
+  config builds on another, e.g. ``shapes.py``, the default experiment's: every field the loop
+  reads, with its default)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+  spec = importlib.util.spec_from_file_location(f"mtjax_config_{name[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

@@ -12,25 +12,16 @@ default experiment (``shapes.py``) at 32×32 pixels, width 8 and smaller splits,
 3-seed sweep of every architecture fits a shared 2-core CPU.
 """
 
-import importlib.util
-import pathlib
 
 import ml_collections
 
+from mtjax import config as config_lib
 from mtjax.config import model_config
-
-
-def _shapes_config(method):
-  path = pathlib.Path(__file__).with_name("shapes.py")
-  spec = importlib.util.spec_from_file_location("shapes_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(method)
 
 
 def get_config(arg=None):
   architecture, _, method = (arg or "hard").partition(":")
-  config = _shapes_config(method or "ew")
+  config = config_lib.sibling_config(__file__, "shapes.py", method or "ew")
   common = {k: v for k, v in config.model.items() if k != "architecture"}
   common.update(width=8, head_hidden=16)
   config.model = model_config(architecture, **common)

@@ -15,25 +15,16 @@ Training values here (batch 256, Adam 1e-3, 50 epochs) are mtjax's choice where 
 code differs between them; change them on the command line.
 """
 
-import importlib.util
-import os
 
+from mtjax import config as config_lib
 from mtjax.data import catalog
 
 STEPS_PER_EPOCH = 162770 // 256
 
 
-def _shapes_config(arg):
-  """The default experiment's config: every field the loop reads, with its default."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes.py")
-  spec = importlib.util.spec_from_file_location("mtjax_shapes_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
 
 def get_config(arg=None):
-  config = _shapes_config(arg)
+  config = config_lib.sibling_config(__file__, "shapes.py", arg)
   config.dataset.name = "celeb_a"
   config.dataset.image_size = (64, 64)
   config.dataset.augment = ()

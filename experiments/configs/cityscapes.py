@@ -15,23 +15,15 @@ Differences, as for nyuv2.py: mtjax's ResNet-50 (output stride 8, no ImageNet we
 DenseHeads instead of the SegNet/MTAN or DeepLab heads; a constant learning rate.
 """
 
-import importlib.util
-import os
+
+from mtjax import config as config_lib
 
 STEPS_PER_EPOCH = 2975 // 64
 
 
-def _shapes_config(arg):
-  """The default experiment's config: every field the loop reads, with its default."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes.py")
-  spec = importlib.util.spec_from_file_location("mtjax_shapes_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
 
 def get_config(arg=None):
-  config = _shapes_config(arg)
+  config = config_lib.sibling_config(__file__, "shapes.py", arg)
   config.dataset.name = "cityscapes"
   config.dataset.image_size = (128, 256)
   config.dataset.augment = ()

@@ -22,23 +22,14 @@ only the labels each "dataset" gives differ). With real data, e.g. detection fro
 ``config.dataset.image_size``. The argument after ``:`` names the weighting method.
 """
 
-import importlib.util
-import os
 
 import ml_collections
 
-
-def _shapes_config(arg):
-  """The default experiment's config: every field the loop reads, with its default."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes.py")
-  spec = importlib.util.spec_from_file_location("mtjax_shapes_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from mtjax import config as config_lib
 
 
 def get_config(arg=None):
-  config = _shapes_config(arg)
+  config = config_lib.sibling_config(__file__, "shapes.py", arg)
   config.tasks = ("segmentation", "depth", "normals")
   config.datasets = ml_collections.ConfigDict({
       "scenes_seg": {"name": "shapes", "tasks": ("segmentation",),

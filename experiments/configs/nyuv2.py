@@ -22,23 +22,15 @@ Augmentation is off as in LibMTL's default (`--aug` off; MTAN recommends it): tu
 ``--config.dataset.augment='("scale_crop", "hflip")'``.
 """
 
-import importlib.util
-import os
+
+from mtjax import config as config_lib
 
 STEPS_PER_EPOCH = 795 // 8
 
 
-def _shapes_config(arg):
-  """The default experiment's config: every field the loop reads, with its default."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes.py")
-  spec = importlib.util.spec_from_file_location("mtjax_shapes_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
 
 def get_config(arg=None):
-  config = _shapes_config(arg)
+  config = config_lib.sibling_config(__file__, "shapes.py", arg)
   config.dataset.name = "nyuv2"
   config.dataset.image_size = (288, 384)
   config.dataset.augment = ()
