@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/conflict_cost.py --out benchmarks/results/conflict_cost_cpu
 
 The experiment of ``--config`` (``experiments/configs/shapes.py``: equal weighting, a loss-level
-method) is built as ``mtjax train`` builds it (``loop.build``, ``loop.make_trainer``), once per
+method) is built as ``mtjax train`` builds it (``setup.build``, ``setup.make_trainer``), once per
 setting of ``config.relations``: conflict off; on at the ``auto`` level (a loss-level method on
 an encoder model: the shared representation); on at the ``parameter`` level (the per-task
 gradients of every shared parameter, the default before). For each, the step is compiled (the
@@ -29,7 +29,7 @@ import numpy as np
 
 from benchmarks.step_time import synthetic_batch, write_result
 from mtjax import data
-from mtjax.train import loop
+from mtjax.train import setup
 from mtjax.train import step as step_lib
 
 SETTINGS = {"off": (False, "auto"), "auto": (True, "auto"), "parameter": (True, "parameter")}
@@ -62,7 +62,7 @@ def time_setting(cfg, exp, mesh, batch, setting, pairs, warmup):
   cfg = cfg.copy_and_resolve_references()
   cfg.relations.conflict = conflict
   cfg.relations.conflict_level = level
-  trainer = loop.make_trainer(cfg, exp, mesh)
+  trainer = setup.make_trainer(cfg, exp, mesh)
   state = trainer.init(jax.random.PRNGKey(cfg.seed))
 
   def step_at(state, k):
@@ -116,8 +116,8 @@ def main(argv=None):
     if s not in SETTINGS:
       raise ValueError(f"--settings: got {s!r}; expected some of {sorted(SETTINGS)}")
   cfg = load_config(args.config, args.method)
-  mesh = loop.make_mesh(cfg)
-  exp = loop.build(cfg)
+  mesh = setup.make_mesh(cfg)
+  exp = setup.build(cfg)
   classes = data.dataset_info(cfg.dataset.name)["tasks"].get("segmentation", {}).get(
       "num_classes", 2)
   batch = step_lib.shard_batch(synthetic_batch(np.random.default_rng(0), cfg.batch_size,

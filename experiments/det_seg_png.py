@@ -17,8 +17,7 @@ import numpy as np
 
 from mtjax import data
 from mtjax.tasks.detection_plot import detection_panel
-from mtjax.train import loop
-from mtjax.train import step as step_lib
+from mtjax.train import loop, setup
 
 
 def _config(path):
@@ -43,12 +42,12 @@ def main():
   parser.add_argument("--images", type=int, default=4)
   args = parser.parse_args()
   cfg = _config(args.config)
-  mesh = step_lib.make_mesh()
-  exp = loop.build(cfg)
-  trainer = loop.make_trainer(cfg, exp, mesh)
-  state = loop.initial_state(cfg, trainer, args.workdir, loop.check_workdir(cfg, args.workdir))
-  arrays = loop.load_data(cfg, "validation", (*exp.label_keys, "segmentation", "boxes",
-                                             "box_classes"))
+  run = setup.resolve(cfg)
+  exp = run.experiment
+  trainer = setup.make_trainer(cfg, exp, run.mesh, run.step_options)
+  state = loop.initial_state(run, trainer, args.workdir, loop.check_workdir(run, args.workdir))
+  arrays = setup.load_data(cfg, "validation", (*exp.label_keys, "segmentation", "boxes",
+                                               "box_classes"))
   batch = {k: v[:args.images] for k, v in arrays.items()}
   outputs = exp.model.apply({"params": state.params, "batch_stats": state.batch_stats},
                             batch["image"], train=False)

@@ -47,7 +47,7 @@ def _model_cfg(cfg, architecture):
 def _fits(cfg, seeds, split):
   """``{seed: (test metrics, seconds per step)}``: ``cfg`` trained once per seed.
 
-  The pieces of ``mtjax train`` (``loop.build``, ``loop.make_trainer``, the same initial state
+  The pieces of ``mtjax train`` (``setup.build``, ``setup.make_trainer``, the same initial state
   ``trainer.init(PRNGKey(seed))``, the same batches ``pipeline.train_batch(seed, step)``, the
   same evaluation) without its checkpoints, logs and plots, and with one trainer (one
   compilation) for every seed: each seed's numbers are those of ``mtjax train`` with that seed.
@@ -56,15 +56,15 @@ def _fits(cfg, seeds, split):
 
   import jax
 
-  from mtjax.train import loop
+  from mtjax.train import loop, setup
   from mtjax.train import step as step_lib
 
   mesh = step_lib.make_mesh()
   config_lib.validate(cfg, mesh.size)
-  exp = loop.build(cfg)
-  trainer = loop.make_trainer(cfg, exp, mesh)
-  train_arrays = loop.load_data(cfg, "train", exp.label_keys)
-  eval_arrays = loop.load_data(cfg, split, exp.label_keys)
+  exp = setup.build(cfg)
+  trainer = setup.make_trainer(cfg, exp, mesh)
+  train_arrays = setup.load_data(cfg, "train", exp.label_keys)
+  eval_arrays = setup.load_data(cfg, split, exp.label_keys)
   out = {}
   for seed in seeds:
     state = step_lib.replicate(trainer.init(jax.random.PRNGKey(seed)), mesh)
@@ -109,7 +109,7 @@ def param_count(cfg, architecture) -> int:
 def run(cfg, workdir, architectures, methods, seeds, split="test") -> dict:
   """Trains what ``workdir/runs.json`` does not hold yet; returns the table's data."""
   from mtjax import metrics
-  from mtjax.train import loop
+  from mtjax.train import setup
 
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "runs.json")
@@ -131,7 +131,7 @@ def run(cfg, workdir, architectures, methods, seeds, split="test") -> dict:
                 weighting=config_lib.weighting_config("ew"), baselines={})
     for seed, (results, _) in fits(f"stl_{task}", stl).items():
       baselines[seed][task] = results[task]
-  tasks = loop.build(cfg).tasks
+  tasks = setup.build(cfg).tasks
   rows = []
   for architecture in architectures:
     params = param_count(cfg, architecture)

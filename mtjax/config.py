@@ -189,17 +189,12 @@ def validate(cfg, num_devices: int = 1) -> None:
            f"a positive multiple of the number of devices ({num_devices})")
   for field in ("num_steps", "log_every", "eval_every", "checkpoint_every"):
     _check(isinstance(cfg[field], int) and cfg[field] >= 0, field, cfg[field], "an int >= 0")
-  _check(cfg.get("nonfinite", "stop") in ("stop", "skip"), "nonfinite",
-         cfg.get("nonfinite"), "'stop' or 'skip' (what a step with a non-finite loss, gradient "
-         "or parameter does)")
   images = cfg.get("prediction_images", 0)
   _check(isinstance(images, int) and not isinstance(images, bool) and images >= 0,
          "prediction_images", images, "an int >= 0 (validation examples drawn at each "
          "evaluation; 0: none)")
   _check(isinstance(cfg.get("tensorboard", False), bool), "tensorboard",
          cfg.get("tensorboard"), "a bool (TensorBoard event files through tensorboardX)")
-  skips = cfg.get("max_consecutive_skips", 10)
-  _check(isinstance(skips, int) and skips >= 1, "max_consecutive_skips", skips, "an int >= 1")
   for name, metrics in cfg.baselines.items():
     _check(name in names, f"baselines.{name}", name, f"one of the config's tasks {names}")
     allowed = tasks.get(name, **info["tasks"][name]).higher_is_better

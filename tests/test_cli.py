@@ -69,6 +69,9 @@ def _error_line(run):
      "config.weighting.name: got 'nope' (the method after ':' in --config); expected one of "
      "['aligned_mtl', "),
     ("unknown config field", ["--config.nope=1"], "--config: no such field 'nope'"),
+    ("fixed weights of the wrong length", ["--config", "experiments/configs/shapes.py:fixed",
+                                           "--config.weighting.weights=(1.0, 2.0)"],
+     "config.weighting: fixed: 'weights' has 2 entries, expected one per task (3)"),
     ("bad value type", ["--config.batch_size=abc"], "flag --config.batch_size=abc:"),
     ("missing config file", ["--config", "nowhere.py"],
      "--config: cannot load 'nowhere.py': [Errno 2] No such file or directory"),

@@ -60,6 +60,9 @@ def build(backbone: str, tasks, *, architecture: str = "hard", width: int = 64,
   ``ValueError("model.<name>: ...")``.
   """
   builder = _builder(architecture)
+  for name, value in (("width", width), ("head_hidden", head_hidden)):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"model.{name}: got {value!r}; expected a positive int")
   allowed = hparams(architecture)
   for name in sorted(kwargs):
     if name not in allowed:

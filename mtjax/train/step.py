@@ -29,15 +29,24 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtjax import relations as relations_lib
 from mtjax.models import labels
 from mtjax.models.multitask import DeepSupervision
 from mtjax.tasks import loss_and_parts
+from mtjax.train.mesh import (  # noqa: F401 -- the step's mesh, re-exported
+  MESH_AXES,
+  batch_sharding,
+  fsdp_spec,
+  make_mesh,
+  mesh_shape,
+  place,
+  replicate,
+  shard_batch,
+  state_shardings,
+)
 from mtjax.train.state import Health, TrainState
 from mtjax.weighting.base import weighted_sum
 
@@ -46,134 +55,6 @@ RELATIONS = "relations"  # the collection models sow task-relation quantities in
 # The model's per-step key is fold_in(per-step key, MODEL_KEY_TAG): a stream of its own, so the
 # weighting method's key (the per-step key itself) is unchanged by a model that draws noise.
 MODEL_KEY_TAG = 0x6D6F6465
-
-
-MESH_AXES = ("data", "fsdp")
-
-
-def mesh_shape(shape, num_devices: int) -> dict:
-  """``{"data": d, "fsdp": f}`` with ``d * f == num_devices`` from ``shape`` (None: pure data
-  parallelism, ``{"data": num_devices, "fsdp": 1}``); one axis may be -1 (the rest).
-
-  Raises ValueError (``mesh: ...``) naming what is wrong, before anything is compiled.
-  """
-  given = {"data": -1, "fsdp": 1} if shape is None else dict(shape)
-  extra = sorted(set(given) - set(MESH_AXES))
-  if extra:
-    raise ValueError(f"mesh: got axes {extra}; expected only {MESH_AXES} (e.g. "
-                     "{'data': -1, 'fsdp': 4})")
-  sizes = {axis: given.get(axis, 1) for axis in MESH_AXES}
-  bad = {a: s for a, s in sizes.items()
-         if not isinstance(s, int) or isinstance(s, bool) or not (s == -1 or s >= 1)}
-  if bad or list(sizes.values()).count(-1) > 1:
-    raise ValueError(f"mesh: got {sizes}; expected positive ints, at most one of them -1 "
-                     "(all the devices left)")
-  known = int(np.prod([s for s in sizes.values() if s != -1]))
-  if -1 in sizes.values():
-    if num_devices % known:
-      raise ValueError(f"mesh: got {sizes}: {known} does not divide the {num_devices} "
-                       "devices")
-    sizes = {a: num_devices // known if s == -1 else s for a, s in sizes.items()}
-  elif known != num_devices:
-    raise ValueError(f"mesh: got {sizes}: data x fsdp = {known}, but there are {num_devices} "
-                     "devices; expected a product equal to the device count (or -1 on one axis)")
-  return sizes
-
-
-def make_mesh(devices=None, shape=None) -> Mesh:
-  """A ``("data", "fsdp")`` mesh over ``devices`` (default: all), sized by ``shape`` (see
-  :func:`mesh_shape`; default: every device on ``data``, today's pure data parallelism).
-
-  Devices are ordered by process, so each process's devices hold a contiguous block of the
-  batch (what :func:`shard_batch` assumes on several hosts).
-  """
-  devices = jax.devices() if devices is None else list(devices)
-  devices = sorted(devices, key=lambda d: (d.process_index, d.id))
-  sizes = mesh_shape(shape, len(devices))
-  return Mesh(np.asarray(devices).reshape(sizes["data"], sizes["fsdp"]), MESH_AXES)
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """The batch: its leading axis split over every device (``data`` x ``fsdp``)."""
-  return NamedSharding(mesh, PartitionSpec(tuple(a for a in MESH_AXES if a in mesh.shape)))
-
-
-def fsdp_spec(shape, fsdp: int) -> PartitionSpec:
-  """Where a parameter-shaped leaf lives: its largest axis divisible by ``fsdp`` (the last of
-  equal ones) split on ``"fsdp"``, the rest replicated; replicated whole when no axis divides
-  (scalars included) or ``fsdp == 1``."""
-  axes = [i for i, n in enumerate(shape) if fsdp > 1 and n % fsdp == 0]
-  if not axes:
-    return PartitionSpec()
-  axis = max(axes, key=lambda i: (shape[i], i))
-  return PartitionSpec(*(("fsdp" if i == axis else None) for i in range(len(shape))))
-
-
-def state_shardings(state, mesh: Mesh):
-  """The :class:`NamedSharding` of each leaf of a train state (arrays or shape structs).
-
-  Parameters and batch statistics by :func:`fsdp_spec`. A leaf of the optimizer or weighting
-  state whose shape is, or ends with, a parameter's shape (Adam's moments, momentum, a method's
-  per-task gradient buffers ``(T, *shape)``) is split on the same axis as that parameter.
-  Everything else (step, key, health, per-task vectors, counts) is replicated. With
-  ``fsdp == 1`` every leaf is replicated: pure data parallelism.
-  """
-  fsdp = mesh.shape.get("fsdp", 1)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  if fsdp == 1:
-    return jax.tree_util.tree_map(lambda _: replicated, state)
-  shapes = {tuple(x.shape) for x in jax.tree_util.tree_leaves((state.params, state.batch_stats))
-            if x.ndim}
-
-  def parameter_like(x):
-    shape = tuple(x.shape)
-    match = max((p for p in shapes if shape[len(shape) - len(p):] == p), key=len, default=None)
-    if match is None:
-      return replicated
-    lead = len(shape) - len(match)
-    return NamedSharding(mesh, PartitionSpec(*(None,) * lead, *fsdp_spec(match, fsdp)))
-
-  def of(tree):
-    return jax.tree_util.tree_map(parameter_like, tree)
-
-  return state._replace(
-      step=replicated, params=of(state.params), batch_stats=of(state.batch_stats),
-      opt_state=of(state.opt_state), weighting_state=of(state.weighting_state),
-      key=replicated, health=jax.tree_util.tree_map(lambda _: replicated, state.health))
-
-
-def place(tree, shardings):
-  """``tree`` (host or device arrays, the same value on every process) laid out as
-  ``shardings`` (a pytree of them, or one for every leaf): one fresh buffer per leaf
-  (donatable); each process builds only its shards."""
-  def put(x, sharding):
-    try:
-      host = np.asarray(jax.device_get(x))
-    except jax.errors.TracerArrayConversionError:  # under jit or eval_shape: a constraint
-      return jax.lax.with_sharding_constraint(x, sharding)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-  if isinstance(shardings, jax.sharding.Sharding):  # one for every leaf
-    return jax.tree_util.tree_map(lambda x: put(x, shardings), tree)
-  return jax.tree_util.tree_map(put, tree, shardings)
-
-
-def shard_batch(batch, mesh: Mesh):
-  """Places a host batch on ``mesh``, split along its leading axis over every device.
-
-  One process: ``batch`` is the global batch. Several (``jax.distributed``): ``batch`` is this
-  process's rows (:func:`mtjax.data.pipeline.process_slice`), assembled into the global array.
-  """
-  sharding = batch_sharding(mesh)
-  if jax.process_count() == 1:
-    return jax.device_put(batch, sharding)
-  return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
-
-
-def replicate(tree, mesh: Mesh):
-  """Copies ``tree`` onto every device of ``mesh``, one fresh buffer per leaf (donatable)."""
-  replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.tree_util.tree_map(lambda x: jax.device_put(np.array(x), replicated), tree)
 
 
 def has_shared_encoder(model) -> bool:
@@ -281,6 +162,12 @@ def sown_relations(*updates) -> dict:
 def _rngs(key):
   """The ``rngs`` of ``model.apply``: a ``"gumbel"`` stream for models that draw noise."""
   return None if key is None else {"gumbel": key}
+
+
+def final_output(out):
+  """What a task's metrics and predictions see of its decoded ``out``: the final output of a
+  :class:`mtjax.models.DeepSupervision`, else ``out`` itself."""
+  return out.output if isinstance(out, DeepSupervision) else out
 
 
 def output_loss(task, out, batch):
@@ -448,9 +335,19 @@ def _joint_terms(model, tasks, params, batch_stats, batch, grad_level, train, tr
                    relations=relations)
 
 
+class Balanced(NamedTuple):
+  """What :func:`balance` gives: the step's direction and what the method saw."""
+
+  grads: Any               # the gradient of every parameter
+  weighting_state: Any     # the method's new state
+  weights: jax.Array       # (T,) the effective task weights
+  conflict: dict           # the conflict metrics where asked for, else {}
+
+
 def balance(terms: TaskTerms, method, weighting_state, key, task_chunk: int = 0,
-            cross: jax.Array | None = None, *, conflict=None, conflict_level=None):
-  """``(gradient of every parameter, new weighting state, task weights)`` under ``method``.
+            cross: jax.Array | None = None, *, conflict=None, conflict_level=None) -> Balanced:
+  """The :class:`Balanced` direction of ``method``: every parameter's gradient, the new
+  weighting state, the task weights, and the conflict metrics (``{}`` unless ``conflict``).
 
   ``task_chunk > 0`` (a gradient-level ``method`` with ``from_gram``, an encoder model, the
   parameter level; see :func:`check_task_chunk`): the Gram matrix is computed ``task_chunk``
@@ -458,16 +355,16 @@ def balance(terms: TaskTerms, method, weighting_state, key, task_chunk: int = 0,
   ``cross`` (a ``method.double_sampling`` method): the ``(T, T)`` cross Gram matrix of two
   halves of the batch (:func:`cross_gram`) goes to ``method.from_gram``, and the direction is
   ``Σ_t w_t g_t`` of the whole batch (``terms.weighted``).
-  ``conflict`` (a bool, traced or not): also return, as a fourth element,
+  ``conflict`` (a bool, traced or not): also return, as ``conflict``,
   :func:`mtjax.relations.conflict_metrics` of the task gradients at ``conflict_level`` (None:
   the level of ``terms``; :func:`conflict_level_of` picks it): from the Gram matrix a chunked
   step already has (parameter level), from the task gradients a gradient-level method already
   has (its own level), else computed under ``lax.cond`` only where ``conflict`` holds (a
   loss-level method pays for the per-task gradients at those steps only; zeros elsewhere).
   """
-  out = _balance(terms, method, weighting_state, key, task_chunk, cross, conflict,
-                 conflict_level)
-  return out if conflict is not None else out[:3]
+  grads, state, weights, seen = _balance(terms, method, weighting_state, key, task_chunk, cross,
+                                         conflict, conflict_level)
+  return Balanced(grads, state, weights, {} if seen is None else seen)
 
 
 def _balance(terms, method, weighting_state, key, task_chunk, cross, conflict, conflict_level):
@@ -572,8 +469,10 @@ NONFINITE_POLICIES = ("stop", "skip")
 def check_nonfinite_policy(nonfinite: str, max_consecutive_skips: int) -> None:
   """Raises ValueError unless ``nonfinite`` is a policy and ``max_consecutive_skips`` >= 1."""
   if nonfinite not in NONFINITE_POLICIES:
-    raise ValueError(f"nonfinite: got {nonfinite!r}; expected one of {NONFINITE_POLICIES}")
-  if not (isinstance(max_consecutive_skips, int) and max_consecutive_skips >= 1):
+    raise ValueError(f"nonfinite: got {nonfinite!r}; expected one of {NONFINITE_POLICIES} "
+                     "(what a step with a non-finite loss, gradient or parameter does)")
+  if not (isinstance(max_consecutive_skips, int) and not isinstance(max_consecutive_skips, bool)
+          and max_consecutive_skips >= 1):
     raise ValueError(f"max_consecutive_skips: got {max_consecutive_skips!r}; expected an int >= 1")
 
 

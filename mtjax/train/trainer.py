@@ -26,6 +26,7 @@ from mtjax import relations
 from mtjax.models import labels
 from mtjax.train import meta as meta_lib
 from mtjax.train import strategies as strategies_lib
+from mtjax.train.periods import due
 from mtjax.train.state import TrainState, healthy
 from mtjax.train.step import (
   MODEL_KEY_TAG,
@@ -38,6 +39,7 @@ from mtjax.train.step import (
   check_task_chunk,
   conflict_level_of,
   cross_gram,
+  final_output,
   make_mesh,
   place,
   state_shardings,
@@ -60,6 +62,8 @@ class Trainer(NamedTuple):
   # The gradient level of the logged conflict/* metrics ("parameter" or "representation");
   # None when the step does not measure them (conflict_every=0).
   conflict_level: str | None = None
+  # (state, images) -> {task: predict_fn of its output}: what the prediction figures draw.
+  predict: Callable | None = None
 
 
 def gradient_like(model, params, batch_stats, *, grad_level, image_shape, batch_size):
@@ -78,56 +82,89 @@ def gradient_like(model, params, batch_stats, *, grad_level, image_shape, batch_
   return jax.tree_util.tree_map(lambda x: jnp.asarray(np.zeros(x.shape, x.dtype)), like)
 
 
-def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch_size: int,
-                 grad_level: str = "parameter", frozen=(), lookahead_lr=None, mesh=None,
-                 donate: bool = True, nonfinite: str = "stop",
-                 max_consecutive_skips: int = 10, task_chunk: int = 0, conflict_every: int = 0,
-                 last_step: int = 0, conflict_level: str = "auto", affinity_every: int = 0,
-                 affinity_lr=None, phase_at: Callable | None = None) -> Trainer:
+class StepOptions(NamedTuple):
+  """How the step trains (see :func:`make_trainer`): the typed values a run plan
+  (:class:`mtjax.train.setup.Run`) resolves from a config, or a library user sets."""
+
+  image_shape: tuple = (64, 64, 3)     # (H, W, C) of one example
+  batch_size: int = 32                 # the global batch
+  grad_level: str = "parameter"        # where gradient methods act
+  frozen: tuple = ()                   # label prefixes not differentiated
+  lookahead_lr: object = None          # a meta method's virtual step: float or schedule
+  nonfinite: str = "stop"              # or "skip"
+  max_consecutive_skips: int = 10
+  task_chunk: int = 0                  # > 0: the Gram matrix this many tasks at a time
+  conflict_every: int = 0              # conflict/* at the steps n % every == 0 or last_step
+  last_step: int = 0
+  conflict_level: str = "auto"
+  affinity_every: int = 0              # TAG's affinity at the steps n % every == 0
+  affinity_lr: object = None           # its lookahead rate (default lookahead_lr)
+  phase_at: Callable | None = None     # the strategy: step -> Phase; None: end to end
+
+
+def check_options(model, method, options: StepOptions, mesh) -> None:
+  """Raises ValueError naming the option (``grad_level: ...``) when the step cannot run with
+  ``options`` on ``mesh``: before anything is traced."""
+  check_grad_level(model, options.grad_level)
+  check_task_chunk(model, method, options.grad_level, options.task_chunk)
+  check_nonfinite_policy(options.nonfinite, options.max_consecutive_skips)
+  own_lr = method.meta is not None and method.meta.lookahead_lr is not None
+  if method.level == "meta" and options.lookahead_lr is None and not own_lr:
+    raise ValueError("lookahead_lr: a meta-level method needs the learning rate of its "
+                     "lookahead step (a float or the optimizer's schedule)")
+  check_double_sampling(method, options.batch_size, mesh.devices.size, options.task_chunk)
+  if options.affinity_every and (options.affinity_lr if options.affinity_lr is not None
+                                 else options.lookahead_lr) is None:
+    raise ValueError("affinity_lr: the affinity lookahead needs a learning rate (a float or "
+                     "the optimizer's schedule)")
+  conflict_level_of(model, method, options.grad_level, options.conflict_level)
+
+
+def make_trainer(model, tasks: Mapping, method, optimizer, options: StepOptions | None = None, *,
+                 mesh=None, donate: bool = True, **fields) -> Trainer:
   """The state factory and the jitted steps of one experiment.
 
   ``tasks`` maps names to :class:`mtjax.tasks.Task`; ``method`` is a weighting method;
   ``optimizer`` an optax transformation (freeze groups in it too, see
-  :func:`mtjax.train.optim.make_optimizer`); ``image_shape`` (H, W, C) and ``batch_size`` (the
-  global batch) shape the state; ``frozen``: label prefixes whose parameters the step does not
-  differentiate; ``lookahead_lr``: the virtual step's learning rate of a meta-level method, a
-  float or a schedule of the step (pass the optimizer's schedule); not needed when the method's
-  ``meta.lookahead_lr`` is set (MOML, FORUM: their own inner rate). ``nonfinite``: ``"stop"``
-  (record in ``state.health`` the first step whose losses, gradient or parameters are not
-  finite) or ``"skip"`` (skip such updates; stop at ``max_consecutive_skips`` in a row), see
-  :func:`mtjax.train.step.apply_gradients`. ``task_chunk > 0``: at the parameter level, with a
-  method that has ``from_gram``, the Gram matrix of the task gradients is computed that many
-  tasks at a time (bounded memory for many tasks, one more backward pass; see
-  :func:`mtjax.train.step.balance`); 0 (default): all tasks at once. ``mesh``: from
-  :func:`mtjax.train.step.make_mesh` (default: every device on ``"data"``); with an ``"fsdp"``
-  axis of size > 1 the state's parameter-shaped leaves are split on it (the module docstring).
-  A method with ``double_sampling`` (MoDo) also gets the per-task gradients of the two halves of
-  each batch (:func:`mtjax.train.step.cross_gram`): ``batch_size`` must then be even on every
-  device.
+  :func:`mtjax.train.optim.make_optimizer`); ``options``: :class:`StepOptions`, whose
+  ``fields`` may also be given (or overridden) as keywords. ``image_shape`` (H, W, C) and
+  ``batch_size`` (the global batch) shape the state; ``frozen``: label prefixes whose
+  parameters the step does not differentiate; ``lookahead_lr``: the virtual step's learning
+  rate of a meta-level method, a float or a schedule of the step (pass the optimizer's
+  schedule); not needed when the method's ``meta.lookahead_lr`` is set (MOML, FORUM: their
+  own inner rate). ``nonfinite``: ``"stop"`` (record in ``state.health`` the first step whose
+  losses, gradient or parameters are not finite) or ``"skip"`` (skip such updates; stop at
+  ``max_consecutive_skips`` in a row), see :func:`mtjax.train.step.apply_gradients`.
+  ``task_chunk > 0``: at the parameter level, with a method that has ``from_gram``, the Gram
+  matrix of the task gradients is computed that many tasks at a time (bounded memory for many
+  tasks, one more backward pass; see :func:`mtjax.train.step.balance`); 0 (default): all
+  tasks at once. ``mesh``: from :func:`mtjax.train.mesh.make_mesh` (default: every device on
+  ``"data"``); with an ``"fsdp"`` axis of size > 1 the state's parameter-shaped leaves are
+  split on it (the module docstring). A method with ``double_sampling`` (MoDo) also gets the
+  per-task gradients of the two halves of each batch (:func:`mtjax.train.step.cross_gram`):
+  ``batch_size`` must then be even on every device.
 
   Relations (:mod:`mtjax.relations`), computed on device behind a ``lax.cond`` only at the
   steps that report them (the step stays one compiled program): ``conflict_every > 0``: the
   gradient-conflict metrics ``conflict/*`` at the steps ``n`` (counted from 1) with ``n %
-  conflict_every == 0`` or ``n == last_step`` (the loop's logging steps), at the level
-  :func:`mtjax.train.step.conflict_level_of` picks from ``conflict_level`` (``"auto"``: a
-  gradient-level method's own level; a loss- or meta-level method's: the shared representation
-  of an encoder model, else the shared parameters; computed at those steps only;
-  ``Trainer.conflict_level`` says which); ``affinity_every > 0``: TAG's ``affinity`` (T, T)
-  at the steps ``n % affinity_every == 0``, with the lookahead rate ``affinity_lr`` (a float
-  or schedule; default ``lookahead_lr``, the optimizer's schedule). ``phase_at``: the
+  conflict_every == 0`` or ``n == last_step`` (the loop's logging steps,
+  :func:`mtjax.train.setup.due`), at the level :func:`mtjax.train.step.conflict_level_of`
+  picks from ``conflict_level`` (``"auto"``: a gradient-level method's own level; a loss- or
+  meta-level method's: the shared representation of an encoder model, else the shared
+  parameters; ``Trainer.conflict_level`` says which); ``affinity_every > 0``: TAG's
+  ``affinity`` (T, T) at the steps ``n % affinity_every == 0``, with the lookahead rate
+  ``affinity_lr`` (a float or schedule; default ``lookahead_lr``). ``phase_at``: the
   strategy, step -> :class:`mtjax.train.strategies.Phase` (the optimizer must then be
   :func:`mtjax.train.optim.make_grouped_optimizer`); None: end to end.
   """
-  check_grad_level(model, grad_level)
-  check_task_chunk(model, method, grad_level, task_chunk)
-  check_nonfinite_policy(nonfinite, max_consecutive_skips)
-  own_lr = method.meta is not None and method.meta.lookahead_lr is not None
-  if method.level == "meta" and lookahead_lr is None and not own_lr:
-    raise ValueError("lookahead_lr: a meta-level method needs the learning rate of its "
-                     "lookahead step (a float or the optimizer's schedule)")
+  options = (options or StepOptions())._replace(**fields)
+  mesh = make_mesh() if mesh is None else mesh
+  check_options(model, method, options, mesh)
+  (image_shape, batch_size, grad_level, frozen, lookahead_lr, nonfinite, max_consecutive_skips,
+   task_chunk, conflict_every, last_step, conflict_level, affinity_every, affinity_lr,
+   phase_at) = options
   mesh = make_mesh() if mesh is None else mesh
   double_sampling = bool(getattr(method, "double_sampling", False))
-  check_double_sampling(method, batch_size, mesh.devices.size, task_chunk)
   names = tuple(tasks)
   frozen = tuple(frozen)
   level = conflict_level_of(model, method, grad_level, conflict_level)
@@ -167,9 +204,6 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
 
   if affinity_every and affinity_lr is None:
     affinity_lr = lookahead_lr
-  if affinity_every and affinity_lr is None:
-    raise ValueError("affinity_lr: the affinity lookahead needs a learning rate (a float or "
-                     "the optimizer's schedule)")
 
   def make_step(phase):
     step_frozen = frozen + tuple(p for p in phase.frozen if p not in frozen)
@@ -187,7 +221,7 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
       batch, meta_batch = batches
       key = jax.random.fold_in(state.key, state.step)
       done = state.step + 1
-      logs = ((done % conflict_every == 0) | (done == last_step)) if conflict_every else None
+      logs = due(done, conflict_every, last_step) if conflict_every else None
       seen = {}
       terms = forward(state, batch, key)
       if method.level == "meta":  # the meta information and the update: train/meta.py
@@ -201,10 +235,9 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
         cross = (cross_gram(model, tasks, state.params, state.batch_stats, batch,
                             grad_level=grad_level, frozen=step_frozen)
                  if double_sampling else None)
-        out = balance(terms, method, state.weighting_state, key, task_chunk, cross,
-                      conflict=logs, conflict_level=measure_at)
-        grads, wstate, weights = out[:3]
-        seen = out[3] if logs is not None else {}
+        grads, wstate, weights, seen = balance(
+            terms, method, state.weighting_state, key, task_chunk, cross, conflict=logs,
+            conflict_level=measure_at)
       if mask is not None:
         weights = weights * mask
       new_state, metrics = apply_gradients(
@@ -216,7 +249,7 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
       metrics.update(seen)
       if affinity_every:
         metrics["affinity"] = relations.when(
-            done % affinity_every == 0, lambda: affinity(state, batch))
+            due(done, affinity_every), lambda: affinity(state, batch))
       return new_state, metrics
 
     return step
@@ -238,6 +271,12 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
                    for name, task in tasks.items() if task.evaluator is not None}
     return metrics, predictions
 
+  def predict(state: TrainState, images):
+    """Each task's ``predict_fn`` of the evaluation's outputs (a DeepSupervision's final)."""
+    outputs = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
+                          False)
+    return {name: task.predict_fn(final_output(outputs[name])) for name, task in tasks.items()}
+
   replicated = NamedSharding(mesh, PartitionSpec())
   data = batch_sharding(mesh)
   jitted_steps = {}  # one compiled step per distinct phase
@@ -249,6 +288,8 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
                                     donate_argnums=(0,) if donate else ())
     return jitted_steps[phase]
   jitted_eval = jax.jit(evaluate, in_shardings=(shardings, data), out_shardings=replicated)
+  jitted_predict = jax.jit(predict, in_shardings=(shardings, replicated),
+                           out_shardings=replicated)
   phase_of = phase_at or (lambda step: strategies_lib.END_TO_END)
 
   def train_step(state, batch, meta_batch=None, *, phase=None):
@@ -260,4 +301,4 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
     return jitted_step(phase or strategies_lib.END_TO_END)(state, (batch, meta_batch))
 
   return Trainer(init, train_step, jitted_eval, grad_level, shardings, phase_of,
-                 level if conflict_every else None)
+                 level if conflict_every else None, jitted_predict)

@@ -7,7 +7,7 @@ import tensorflow_datasets as tfds
 from mtjax import config as config_lib
 from mtjax import data, tasks
 from mtjax.data import catalog, pipeline
-from mtjax.train import loop
+from mtjax.train import setup
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_celeba_config_validates_and_an_unprepared_dataset_says_how(tmp_path):
   with pytest.raises(ValueError, match=r"config.dataset.data_dir: TFDS dataset 'celeb_a' is "
                                        r"not prepared.*tfds build celeb_a "
                                        r"--file_format=array_record"):
-    loop.load_data(cfg, "train", ())
+    setup.load_data(cfg, "train", ())
 
 
 def test_voc_boxes_and_classes(mocked):

@@ -206,7 +206,7 @@ def _protocol_config(name):
 
 
 def test_protocol_configs_validate_and_read_their_dataset(nyu_root, tmp_path):
-  from mtjax.train import loop
+  from mtjax.train import setup
   for name, size, batch in (("nyuv2", (288, 384), 8), ("cityscapes", (128, 256), 64)):
     cfg = _protocol_config(name)
     config_lib.validate(cfg)
@@ -216,11 +216,11 @@ def test_protocol_configs_validate_and_read_their_dataset(nyu_root, tmp_path):
     cfg.dataset.data_dir = str(tmp_path / "absent")
     with pytest.raises(UserError, match=r"config.dataset.data_dir: dataset folder .*absent.* "
                                         r"does not exist.*expected the layout"):
-      loop.load_data(cfg, "train", ())
+      setup.load_data(cfg, "train", ())
   cfg = _protocol_config("nyuv2")
   cfg.dataset.data_dir, cfg.dataset.image_size, cfg.batch_size = nyu_root, HW, 4
   exp_keys = ("segmentation", "depth", "depth_valid", "normals")
-  train = loop.load_data(cfg, "train", exp_keys)
+  train = setup.load_data(cfg, "train", exp_keys)
   assert isinstance(train, sources.Source) and train.size == 6
   info = data.dataset_info("nyuv2")["tasks"]
   tasks.check_batch({n: tasks.get(n, **info[n]) for n in cfg.tasks},
@@ -228,17 +228,17 @@ def test_protocol_configs_validate_and_read_their_dataset(nyu_root, tmp_path):
 
 
 def test_the_prediction_grid_reads_only_its_first_examples_of_a_lazy_split():
-  """``loop.first_examples``: a dataset read lazily (NYUv2, Cityscapes) gives the prediction grid
+  """``inputs.first_examples``: a dataset read lazily (NYUv2, Cityscapes) gives the prediction grid
   its first n examples without reading the rest; arrays in memory are sliced; n <= 0: None."""
-  from mtjax.train import loop
+  from mtjax.train import inputs
 
   arrays = {"image": np.arange(10 * 2, dtype=np.float32).reshape(10, 2),
             "depth": np.arange(10, dtype=np.float32)}
   read = []
   lazy = sources.Source(10, lambda i: (read.append(i), {k: v[i] for k, v in arrays.items()})[1])
-  got = loop.first_examples(lazy, 3)
+  got = inputs.first_examples(lazy, 3)
   assert read == [0, 1, 2]
   for key, value in arrays.items():
     np.testing.assert_array_equal(got[key], value[:3])
-  assert loop.first_examples(lazy, 0) is None and len(read) == 3
-  np.testing.assert_array_equal(loop.first_examples(arrays, 20)["depth"], arrays["depth"])
+  assert inputs.first_examples(lazy, 0) is None and len(read) == 3
+  np.testing.assert_array_equal(inputs.first_examples(arrays, 20)["depth"], arrays["depth"])

@@ -121,7 +121,7 @@ def test_registry_and_config_errors(tmp_path):
     config_lib.model_config("nope")
   cfg = config_lib.model_config("ltb", backbone="resnet_tiny")
   assert cfg.temperature == 1.0 and cfg.architecture == "ltb"
-  from mtjax.train import loop
+  from mtjax.train import setup
   from tests.helpers import tiny_config
 
   bad = tiny_config(tmp_path)
@@ -130,7 +130,7 @@ def test_registry_and_config_errors(tmp_path):
                                                       if k != "architecture"})
   bad.model.branch_stage = 7
   with pytest.raises(UserError, match=r"config.model.branch_stage: got 7"):
-    loop.build(bad)
+    setup.build(bad)
 
 
 def _split_resnet(tree, stage_sizes):

@@ -87,7 +87,7 @@ def test_load_backbone_into_a_multitask_model(tmp_path, fixture):
 def test_frozen_bn_group_and_statistics(tmp_path):
   from mtjax.errors import UserError
   from mtjax.models import labels
-  from mtjax.train import loop
+  from mtjax.train import setup
   from tests.helpers import tiny_config
 
   net = backbones.ResNet((1, 1), "basic", 4, 32, "small", frozen_bn=True)
@@ -104,7 +104,7 @@ def test_frozen_bn_group_and_statistics(tmp_path):
       lambda a, b: bool(np.array_equal(a, b)), updates["batch_stats"], variables["batch_stats"]))
   # The loop freezes "shared/bn" on top of the configured groups; a bad path names the field.
   cfg = tiny_config(tmp_path, **{"model.frozen_bn": True})
-  assert loop.optimizer_config(cfg).frozen == (f"{labels.SHARED}/bn",)
+  assert setup.optimizer_config(cfg).frozen == (f"{labels.SHARED}/bn",)
   cfg = tiny_config(tmp_path, **{"model.pretrained": str(tmp_path / "weights.bin")})
   with pytest.raises(UserError, match=r"config.model.pretrained: .*\.safetensors"):
-    loop.build(cfg)
+    setup.build(cfg)

@@ -182,24 +182,24 @@ def det_seg_data(tmp_path_factory):
 
 
 def test_missing_evaluator_package_fails_at_build(det_seg_data, tmp_path, monkeypatch):
-  """Without faster-coco-eval, a detection run fails at ``loop.build`` (before any data,
+  """Without faster-coco-eval, a detection run fails at ``setup.build`` (before any data,
   compilation or training) naming the package and the extra; a run without detection builds."""
   import sys
 
   from mtjax.errors import UserError
-  from mtjax.train import loop
+  from mtjax.train import loop, setup
   monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # `import` raises ImportError
   cfg = tiny_det_seg_config(det_seg_data)
   message = (r"config\.tasks: task 'detection': .*faster-coco-eval, which is not installed: "
              r"pip install -e \"\.\[detection\]\"")
   with pytest.raises(UserError, match=message):
-    loop.build(cfg)
+    setup.build(cfg)
   with pytest.raises(UserError, match=message):
     loop.train(cfg, str(tmp_path / "run"), progress=False)
   assert not (tmp_path / "run").exists()
   with pytest.raises(ImportError, match="faster-coco-eval"):  # the evaluator itself says so too
     detection.evaluator(4).result(([{"id": 1}], [{"id": 1}], [{"id": 1}]))
-  loop.build(tiny_det_seg_config(det_seg_data, tasks=("segmentation",)))
+  setup.build(tiny_det_seg_config(det_seg_data, tasks=("segmentation",)))
 
 
 def test_loop_prediction_png_draws_the_boxes(det_seg_data, tmp_path, monkeypatch):
@@ -209,10 +209,11 @@ def test_loop_prediction_png_draws_the_boxes(det_seg_data, tmp_path, monkeypatch
 
   from mtjax.data import dataset_info
   from mtjax.tasks import detection_plot
-  from mtjax.train import loop
+  from mtjax.train import loop, setup, sinks
   cfg = tiny_det_seg_config(det_seg_data, prediction_images=2)
-  exp = loop.build(cfg)
-  val = loop.load_data(cfg, "validation", exp.label_keys)
+  run = setup.resolve(cfg)
+  exp = run.experiment
+  val = setup.load_data(cfg, "validation", exp.label_keys)
   calls = []
   draw = detection_plot.draw_boxes
 
@@ -224,7 +225,12 @@ def test_loop_prediction_png_draws_the_boxes(det_seg_data, tmp_path, monkeypatch
   variables = host_variables(exp.model, (SIZE, SIZE, 3))
   state = types.SimpleNamespace(params=variables["params"],
                                 batch_stats=variables.get("batch_stats", {}))
-  loop._prediction_shower(cfg, exp, str(tmp_path), val)(state, 7)
+  trainer = types.SimpleNamespace(predict=jax.jit(lambda state, images: {
+      name: task.predict_fn(exp.model.apply(
+          {"params": state.params, "batch_stats": state.batch_stats}, images, False)[name])
+      for name, task in exp.tasks.items()}))
+  loop.prediction_shower(run, trainer, val, sinks.Sinks((), None, None, str(tmp_path)))(
+      state, 7)
   assert (tmp_path / "predictions" / "step_7.png").stat().st_size > 0
   truth, predicted = calls[0::2], calls[1::2]
   assert len(truth) == len(predicted) == 2    # one of each per image

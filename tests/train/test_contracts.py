@@ -14,7 +14,7 @@ from mtjax import tasks as tasks_lib
 from mtjax import weighting
 from mtjax.models import labels
 from mtjax.tasks.base import Evaluator, Task
-from mtjax.train import loop
+from mtjax.train import loop, setup
 from mtjax.train import step as step_lib
 from mtjax.train.trainer import make_trainer
 from tests.helpers import restore_latest, tiny_config
@@ -220,8 +220,8 @@ def _leaves_equal(a, b):
 def test_frozen_group_stays_bitwise_and_its_optimizer_state_resumes(data_dir, tmp_path):
   cfg = tiny_config(data_dir, **{"optimizer.frozen": ("shared/stem",),
                                  "optimizer.lr_scale": (("depth", 0.5),)})
-  exp = loop.build(cfg)
-  initial = jax.device_get(loop.make_trainer(cfg, exp, step_lib.make_mesh()).init(
+  exp = setup.build(cfg)
+  initial = jax.device_get(setup.make_trainer(cfg, exp, step_lib.make_mesh()).init(
       jax.random.PRNGKey(cfg.seed)))
   loop.train(cfg, str(tmp_path / "full"), progress=False)
   loop.train(cfg, str(tmp_path / "cut"), progress=False, stop_after=3)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mtjax import checkpoint
-from mtjax.train import loop, strategies
+from mtjax.train import loop, setup, strategies
 from tests.helpers import read_log, restore_latest, tiny_config
 
 
@@ -66,7 +66,7 @@ def test_one_compile_per_step_and_metrics_fetched_only_at_logging_steps(data_dir
       fetched.append(steps_run[0])
     return device_get(tree)
 
-  make_trainer = loop.make_trainer
+  make_trainer = setup.make_trainer
 
   def counting_trainer(*args, **kwargs):
     trainer = make_trainer(*args, **kwargs)
@@ -76,7 +76,7 @@ def test_one_compile_per_step_and_metrics_fetched_only_at_logging_steps(data_dir
     return trainer._replace(step=step)
 
   monkeypatch.setattr(jax, "device_get", counting_device_get)
-  monkeypatch.setattr(loop, "make_trainer", counting_trainer)
+  monkeypatch.setattr(setup, "make_trainer", counting_trainer)
   cfg = tiny_config(data_dir, num_steps=6, log_every=3, eval_every=2, checkpoint_every=2)
   jax.monitoring.register_event_duration_secs_listener(on_duration)
   try:
@@ -161,7 +161,7 @@ def test_batch_of_the_wrong_shape(data_dir):
            "depth": np.zeros((8, 32, 32)), "depth_valid": np.zeros((8, 32, 32), bool),
            "normals": np.zeros((8, 32, 32, 3))}
   from mtjax import tasks
-  exp = loop.build(cfg)
+  exp = setup.build(cfg)
   with pytest.raises(ValueError, match=r"batch\['segmentation'\].*\(8, 16, 16\).*\(8, 32, 32\)"):
     tasks.check_batch(exp.tasks, batch, cfg.dataset.image_size, 8)
   del batch["depth"]

@@ -15,7 +15,7 @@ import pytest
 from mtjax import config as config_lib
 from mtjax.data import mixing
 from mtjax.models import labels
-from mtjax.train import loop
+from mtjax.train import loop, setup
 from mtjax.train import step as step_lib
 from tests.helpers import read_log, scenes, tiny_config, tiny_setup, tiny_tasks
 
@@ -70,8 +70,8 @@ def test_masked_steps_resume_bitwise_and_the_sampler_drives_the_steps(data_dir, 
                                                                       monkeypatch):
   # One trainer for the runs of this test (the same config): one compilation, not three.
   made = {}
-  make = loop.make_trainer
-  monkeypatch.setattr(loop, "make_trainer",
+  make = setup.make_trainer
+  monkeypatch.setattr(setup, "make_trainer",
                       lambda *a, **k: made.setdefault("trainer", make(*a, **k)))
   cfg = _config(data_dir, checkpoint_every=1, keep_checkpoints=10,
                 **{"optimizer.name": "sgd", "optimizer.momentum": 0.0,

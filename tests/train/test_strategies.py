@@ -11,7 +11,7 @@ import pytest
 
 from mtjax import weighting
 from mtjax.models import labels
-from mtjax.train import figures, loop, optim
+from mtjax.train import figures, loop, optim, setup
 from mtjax.train import step as step_lib
 from mtjax.train import strategies as st
 from tests.helpers import read_log, restore_latest, scenes, tiny_config, tiny_setup, tiny_trainer
@@ -170,8 +170,8 @@ def test_alternating_taskwise_through_the_loop_trains_one_head_and_the_backbone_
                     eval_every=0, checkpoint_every=1, keep_checkpoints=4,
                     **{"optimizer.schedule": "constant"})  # no warm-up: step 0 moves too
   assert loop.train(cfg, str(tmp_path), progress=False, stop_after=3) == {}  # one round
-  exp = loop.build(cfg)
-  before = jax.device_get(loop.make_trainer(cfg, exp, step_lib.make_mesh()).init(
+  exp = setup.build(cfg)
+  before = jax.device_get(setup.make_trainer(cfg, exp, step_lib.make_mesh()).init(
       jax.random.PRNGKey(cfg.seed)).params)
   records = [r for r in read_log(tmp_path) if r["split"] == "train"]
   for done, record in zip((1, 2, 3), records, strict=True):
