@@ -227,7 +227,8 @@ def step_options(cfg, exp: Experiment) -> trainer_lib.StepOptions:
       last_step=cfg.num_steps, conflict_level=rel["conflict_level"],
       affinity_every=sched.affinity, affinity_lr=rel["affinity_lr"],
       phase_at=None if strategy == "end_to_end" else functools.partial(
-          strategies.phase_at, strategy, cfg.get("phases", None), tuple(cfg.tasks)))
+          strategies.phase_at, strategy, strategies.options(cfg.get("phases", None)),
+          tuple(cfg.tasks)))
 
 
 def make_trainer(cfg, exp: Experiment, mesh, options=None):

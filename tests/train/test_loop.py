@@ -1,11 +1,13 @@
 """The loop: end to end on a tiny build, bitwise reproducibility, exact resume, early errors."""
 
+import json
 
 import jax
 import numpy as np
 import pytest
 
 from mtjax import checkpoint
+from mtjax.data import pipeline
 from mtjax.train import loop, setup, strategies
 from tests.helpers import read_log, restore_latest, tiny_config
 
@@ -97,6 +99,13 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(data_dir, tmp_path)
   loop.train(cfg, str(tmp_path / "full"), progress=False)
   assert loop.train(cfg, str(tmp_path / "cut"), progress=False, stop_after=3) == {}
   assert checkpoint.latest_step(str(tmp_path / "cut" / "checkpoints")) == 3
+  # The one-dataset position of checkpoints written before one dataset was a mixture of one
+  # (pipeline.position: epoch and batch in epoch at the top level) resumes to the same bits.
+  meta = tmp_path / "cut" / "checkpoints" / "3" / "meta" / "metadata"
+  saved = json.loads(meta.read_text())
+  assert list(saved["data_position"]["datasets"]) == ["dataset"]
+  saved["data_position"] = pipeline.position(3, 32, cfg.batch_size, cfg.seed, 1)
+  meta.write_text(json.dumps(saved))
   loop.train(cfg, str(tmp_path / "cut"), progress=False)
   _assert_bitwise_equal(_params(tmp_path / "full"), _params(tmp_path / "cut"))
   assert _log(tmp_path / "full") == _log(tmp_path / "cut")
