@@ -154,14 +154,16 @@ def nash_mtl(max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: 
 
   Defaults from the official code AvivNavon/nash-mtl (``max_norm = 1.0``,
   ``update_weights_every = 1``, ``optim_niter = 20``). ``α`` solves Eq. 4 on the raw Gram
-  matrix, as the official code (its CCP sequence with cvxpy takes ``G / |G|_F`` and the
-  constraint ``α_t (G α)_t / |G|_F >= 1 / |G|_F``), so ``|Σ α_t g_t|² = T``; here
+  matrix, as the official code (its CCP sequence with cvxpy takes ``Ĝ = G / |G|_F`` and the
+  constraints ``α_t |G|_F (Ĝ α)_t >= 1``), so ``|Σ α_t g_t|² = T``; here
   ``optim_niter`` damped Newton steps on device (:func:`nash_alpha`) find ``β`` for
   ``G / |G|_F`` and ``α = β / |G|_F^{1/2}`` (``β`` when ``G`` is 0), warm-started from the last
-  ``α`` as the official code (its direction, scaled to the minimum of ``φ`` along it). ``max_norm > 0``
-  clips ``|Σ α_t g_t|`` to ``max_norm`` as the official ``clip_grad_norm_`` on the shared
-  parameters (folded into the returned weights). Between updates (``update_weights_every > 1``)
-  the last ``α`` is reused. ``ridge``: see :func:`nash_alpha`.
+  ``α`` as the official code (its direction, scaled to the minimum of ``φ`` along it).
+  ``max_norm > 0`` clips ``|Σ α_t g_t|`` to ``max_norm`` as the official ``clip_grad_norm_`` on
+  the shared parameters (folded into the returned weights; with the exact ``α`` and ``T >= 2``,
+  ``|Σ α_t g_t| = sqrt(T) > 1`` is always clipped at the default ``max_norm = 1``). Between
+  updates (``update_weights_every > 1``) the last ``α`` is reused. ``ridge``: see
+  :func:`nash_alpha`.
   """
   if update_weights_every < 1:
     raise ValueError(f"nash_mtl: update_weights_every={update_weights_every!r} must be >= 1")
