@@ -42,9 +42,11 @@ Not compared (no deterministic reference of the same method):
 * GradNorm: LibMTL learns softmax logits ``w = T softmax(p)`` with the model's own optimizer
   (and uses ``L_t(0)`` of epoch 0); mtjax learns the weights themselves with Adam and
   renormalises them to sum to ``T``, the paper's Alg. 1. The paper has no official code.
-* Auto-Lambda: its update is one Adam step on the meta-gradient (tested in
-  ``test_auto_lambda.py``); the meta-gradient needs a model and is tested against a closed form
-  there, not against the authors' finite-difference code (lorenmt/auto-lambda).
+
+Auto-Lambda is compared with its whole loop (``test_auto_lambda_follows_the_authors_loop``):
+20 steps of the authors' ``AutoLambda`` (meta step, then the model's SGD step with the new λ)
+on a linear two-task model, whose quadratic losses make the authors' central finite difference
+of the Hessian-vector product exact: λ, the meta-gradient and the model agree step by step.
 """
 
 import functools
@@ -57,8 +59,11 @@ import numpy as np
 import pytest
 
 import mtjax.weighting as W
+from mtjax.train import meta as meta_lib
+from mtjax.train.state import TrainState
 from mtjax.weighting.gradient_surgery import task_orders
 from mtjax.weighting.multi_objective import modo_lambda_step
+from tests.weighting import linear_meta
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "weighting_sequences.npz")
 DATA = np.load(FIXTURE)
@@ -73,8 +78,8 @@ EXTRA = {"igb": {"hidden": 8, "batch_size": 4}}
 # gls keeps no state; igb_v2's state is checked through its buffer; nash_mtl's α is only a warm
 # start for a unique solution when it is recomputed at every step (update_weights_every=1).
 STATE_FREE = ("gls", "igb_v2", "nash_mtl_every1")
-SINGLE_SAMPLE = sorted(n for n, c in CASES.items()
-                       if not c.get("three_samples") and c["method"] != "sdmgrad")
+SINGLE_SAMPLE = sorted(n for n, c in CASES.items() if not (
+    c.get("three_samples") or c.get("meta") or c["method"] == "sdmgrad"))
 
 
 def _method(case):
@@ -209,3 +214,42 @@ def test_sdmgrad_solves_the_subproblem_the_reference_iterates_on():
     assert objective(w) <= objective(w_ref) + 1e-6, k
     worse += objective(w_ref) > objective(w) + 1e-3
   assert worse >= K // 2  # the reference's iterates are far from the minimiser on most steps
+
+
+def test_auto_lambda_follows_the_authors_loop():
+  """Per step (trainer_dense.py): the meta-gradient ``∂ Σ_t L_t(θ'; val) / ∂λ`` at
+  ``θ' = θ − α ∇ Σ_t λ_t L_t(θ; train)``, one Adam step on λ, then ``θ ← θ − α ∇ Σ_t λ_t
+  L_t(θ; train)`` with the new λ."""
+  case = CASES["auto_lambda"]
+  lr = case["ref_hparams"]["model_lr"]
+  method = _method(case)
+  model = linear_meta.Linear()
+  tasks = {t: linear_meta.sq_task(t) for t in "ab"}
+
+  def batch(split, k):
+    return {key: jnp.asarray(DATA[f"auto_lambda/{split}_{key}"][k], jnp.float32)
+            for key in ("image", "a", "b")}
+
+  def losses(params, b):
+    y = b["image"] @ params["Dense_0"]["kernel"]
+    return jnp.stack([0.5 * jnp.mean((y[:, t] - b[name]) ** 2) for t, name in enumerate("ab")])
+
+  @jax.jit
+  def step(params, wstate, train, val):
+    state = TrainState(jnp.int32(0), params, {}, None, wstate, KEY)
+    meta_grad = meta_lib.meta_gradient(model, tasks, state, train, val, lr)
+    _, wstate, w = method.update(meta_grad, wstate, losses=None, key=None)
+    grads = jax.grad(lambda p: w @ losses(p, train))(params)
+    return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads), wstate, w, meta_grad
+
+  params = {"Dense_0": {"kernel": jnp.asarray(DATA["auto_lambda/theta0"], jnp.float32)}}
+  wstate = method.init(2)
+  steps = len(DATA["auto_lambda/weights"])
+  for k in range(steps):
+    params, wstate, w, meta_grad = step(params, wstate, batch("train", k), batch("val", k))
+    ref = DATA["auto_lambda/meta_grads"][k]
+    np.testing.assert_allclose(meta_grad, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(w, DATA["auto_lambda/weights"][k], rtol=1e-5)
+    np.testing.assert_allclose(params["Dense_0"]["kernel"], DATA["auto_lambda/thetas"][k],
+                               rtol=1e-4, atol=1e-5)
+  assert np.all(np.abs(DATA["auto_lambda/weights"][-1] - 0.1) > 0.1)  # λ moved
