@@ -60,7 +60,6 @@ import pytest
 
 import mtjax.weighting as W
 from mtjax.train import meta as meta_lib
-from mtjax.train.state import TrainState
 from mtjax.weighting.gradient_surgery import task_orders
 from mtjax.weighting.multi_objective import modo_lambda_step
 from tests.weighting import linear_meta
@@ -236,7 +235,7 @@ def test_auto_lambda_follows_the_authors_loop():
 
   @jax.jit
   def step(params, wstate, train, val):
-    state = TrainState(jnp.int32(0), params, {}, None, wstate, KEY)
+    state = linear_meta.state_of(None, wstate, params)
     meta_grad = meta_lib.meta_gradient(model, tasks, state, train, val, lr)
     _, wstate, w = method.update(meta_grad, wstate, losses=None, key=None)
     grads = jax.grad(lambda p: w @ losses(p, train))(params)
