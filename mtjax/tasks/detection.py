@@ -49,7 +49,12 @@ FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0   # Lin et al. (2017), used by FCOS
 PRIOR = 0.01                           # π of the class logits' bias
 CENTER_SAMPLING = 1.5                  # radius in strides (FCOS improvements)
 NMS_IOU, SCORE_THRESHOLD = 0.6, 0.05   # FCOS inference
-PRE_NMS_TOP_K, MAX_DETECTIONS = 100, 100
+PRE_NMS_TOP_K, MAX_DETECTIONS = 1000, 100  # per level before NMS; per image after
+# FCOS's initialisation (fcos_core/modeling/rpn/fcos/fcos.py): the towers' and the outputs'
+# convolutions N(0, 0.01²), biases 0 (the class logits' bias: the prior); the FPN's convolutions
+# kaiming_uniform(a=1) (maskrcnn-benchmark's conv_with_kaiming_uniform): U(±sqrt(3 / fan_in)).
+HEAD_INIT = nn.initializers.normal(stddev=0.01)
+FPN_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 
 
 def _norm_groups(channels: int) -> int:
@@ -88,7 +93,8 @@ class FCOSHead(nn.Module):
     maps = [features[n] for n in names]
     coarse = [m for m in maps if output_size[0] / m.shape[1] >= self.min_stride]
     maps = coarse or maps[-1:]
-    conv = functools.partial(nn.Conv, dtype=self.dtype)
+    conv = functools.partial(nn.Conv, dtype=self.dtype, kernel_init=FPN_INIT)
+    head_conv = functools.partial(nn.Conv, dtype=self.dtype, kernel_init=HEAD_INIT)
     lateral = [conv(self.hidden, (1, 1), name=f"lateral{i}")(m) for i, m in enumerate(maps)]
     pyramid = [None] * len(maps)
     top = lateral[-1]
@@ -98,7 +104,7 @@ class FCOSHead(nn.Module):
       pyramid[i] = conv(self.hidden, (3, 3), padding=1, name=f"fpn{i}")(top)
 
     def tower(prefix):
-      layers = [(conv(self.hidden, (3, 3), padding=1, name=f"{prefix}_conv{k}"),
+      layers = [(head_conv(self.hidden, (3, 3), padding=1, name=f"{prefix}_conv{k}"),
                  nn.GroupNorm(_norm_groups(self.hidden), dtype=self.dtype,
                               name=f"{prefix}_norm{k}")) for k in range(self.tower_depth)]
       def apply(x):
@@ -109,9 +115,10 @@ class FCOSHead(nn.Module):
 
     cls_tower, box_tower = tower("cls"), tower("box")
     prior_bias = nn.initializers.constant(-math.log((1 - PRIOR) / PRIOR))
-    cls_out = conv(self.num_classes, (3, 3), padding=1, bias_init=prior_bias, name="cls_logits")
-    box_out = conv(4, (3, 3), padding=1, name="box_pred")
-    ctr_out = conv(1, (3, 3), padding=1, name="centerness")
+    cls_out = head_conv(self.num_classes, (3, 3), padding=1, bias_init=prior_bias,
+                        name="cls_logits")
+    box_out = head_conv(4, (3, 3), padding=1, name="box_pred")
+    ctr_out = head_conv(1, (3, 3), padding=1, name="centerness")
     height, width = output_size
     first_stride = height / pyramid[0].shape[1]
     levels = []
@@ -222,24 +229,35 @@ def metrics_fn(levels, batch, *, center_sampling=CENTER_SAMPLING):
   return {f"{name}_loss": pair for name, pair in terms.items()}
 
 
-def _decode_image(cls, box, ctr, points, level_sizes, *, pre_nms_top_k, score_threshold,
-                  nms_iou, max_detections):
-  """One image's detections: (boxes (K, 4) pixels, scores (K,), classes (K,) 1..C, valid)."""
+def _decode_image(cls, box, ctr, points, level_sizes, image_size, *, pre_nms_top_k,
+                  score_threshold, nms_iou, max_detections):
+  """One image's detections: (boxes (K, 4) pixels, scores (K,), classes (K,) 1..C, valid).
+
+  As ``FCOSPostProcessor`` of the authors' code (``fcos_core/modeling/rpn/fcos/inference.py``):
+  per level, the (point, class) pairs with ``σ(class) > score_threshold`` are the candidates,
+  and the ``pre_nms_top_k`` of them with the highest ``σ(class) · σ(centerness)`` are kept;
+  their boxes are clipped to the image; class-aware NMS over all levels; the
+  ``max_detections`` best remain, scored ``sqrt(σ(class) · σ(centerness))``. Fixed shapes: a
+  level keeps ``min(pre_nms_top_k, points × classes)`` slots, the ones that are not candidates
+  marked invalid (never kept by NMS).
+  """
   num_classes = cls.shape[-1]
   prob = jax.nn.sigmoid(cls)
-  score = jnp.sqrt(prob * jax.nn.sigmoid(ctr)[:, None])                   # (P, C)
+  score = prob * jax.nn.sigmoid(ctr)[:, None]                               # (P, C)
+  candidate = prob > score_threshold
+  height, width = image_size
   cand_boxes, cand_scores, cand_classes, cand_valid = [], [], [], []
   start = 0
-  for size in level_sizes:  # per-level top-k (static sizes)
-    s = score[start:start + size].reshape(-1)
+  for size in level_sizes:  # per-level top-k among the candidates (static sizes)
+    s = jnp.where(candidate[start:start + size], score[start:start + size], -1.0).reshape(-1)
     k = min(pre_nms_top_k, s.shape[0])
     top, index = jax.lax.top_k(s, k)
-    point, klass = index // num_classes, index % num_classes
-    point = point + start
-    cand_boxes.append(box_ops.decode(points[point], box[point]))
-    cand_scores.append(top)
-    cand_classes.append(klass + 1)
-    cand_valid.append(prob[point, klass] > score_threshold)
+    point = index // num_classes + start
+    boxes = box_ops.decode(points[point], box[point])
+    cand_boxes.append(jnp.clip(boxes, 0.0, jnp.stack([width, height, width, height])))
+    cand_scores.append(jnp.sqrt(jnp.maximum(top, 0.0)))
+    cand_classes.append(index % num_classes + 1)
+    cand_valid.append(top >= 0)
     start += size
   boxes, scores = jnp.concatenate(cand_boxes), jnp.concatenate(cand_scores)
   classes, valid = jnp.concatenate(cand_classes), jnp.concatenate(cand_valid)
@@ -257,6 +275,7 @@ def predict_fn(levels, *, pre_nms_top_k=PRE_NMS_TOP_K, score_threshold=SCORE_THR
   cls, box, ctr, points, _, _ = _concat_levels(levels)
   sizes = tuple(lv["points"].shape[0] for lv in levels)
   decode_one = functools.partial(_decode_image, points=points, level_sizes=sizes,
+                                 image_size=_image_size(levels),
                                  pre_nms_top_k=pre_nms_top_k, score_threshold=score_threshold,
                                  nms_iou=nms_iou, max_detections=max_detections)
   boxes, scores, classes, valid = jax.vmap(decode_one)(cls, box, ctr)
