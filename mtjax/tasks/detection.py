@@ -12,7 +12,9 @@ of v5, also the defaults of the authors' repository):
   3×3 convolutions with GroupNorm (4 in the paper, 2 here: CPU-sized), class logits with the
   prior bias ``-log((1 - π) / π)``, π = 0.01 (focal loss, Lin et al., 2017), box distances
   ``exp(s_l · x) · stride_l`` (a learned scale per level, eq. in § 3.1; regression normalised
-  by the stride: improvement), centerness on the regression tower (improvement).
+  by the stride: improvement), centerness on the regression tower (improvement). Initialised
+  as the authors' ``fcos.py``: tower and output convolutions N(0, 0.01²), biases 0; the FPN's
+  convolutions kaiming_uniform(a=1) as maskrcnn-benchmark's FPN.
 - **Targets** (§ 3.1–3.2): a point is a candidate for a box when it lies inside the box — with
   *center sampling* (improvement, radius 1.5 strides: inside the box and within 1.5 strides of
   its centre; ``center_sampling=0`` is the paper's plain rule) — and the largest of its four
@@ -23,13 +25,20 @@ of v5, also the defaults of the authors' repository):
   number of positive points; GIoU loss (Rezatofighi et al., 2019; improvement over IoU loss)
   weighted by the centerness targets and normalised by their sum (authors' repository);
   centerness binary cross-entropy over the positive points. The parts are returned and logged.
-- **Decoding** (§ 3.1 inference): score ``sqrt(σ(class) · σ(centerness))``, top-``pre_nms_top_k``
-  per level, candidates with ``σ(class) > score_threshold`` (0.05), class-aware NMS at IoU 0.6,
-  at most ``max_detections`` per image; all fixed-shape, batched, jittable.
+- **Decoding** (the authors' ``FCOSPostProcessor``, ``fcos_core/modeling/rpn/fcos/inference.py``,
+  and their defaults): per level, the (point, class) pairs with ``σ(class) > score_threshold``
+  (0.05) are the candidates; among them the top ``pre_nms_top_k`` (1000) by
+  ``σ(class) · σ(centerness)``; boxes clipped to the image; class-aware NMS at IoU 0.6 over all
+  levels; at most ``max_detections`` (100) per image, scored ``sqrt(σ(class) · σ(centerness))``;
+  all fixed-shape, batched, jittable.
 
 Labels (``boxes`` (M, 4) normalised ``(y0, x0, y1, x1)``, ``box_classes`` (M,) in 1..C with 0
-for padding rows) have a fixed ``max_boxes`` rows; an image with no object is valid. COCO AP,
-AP50, AP75 and AR come from ``faster-coco-eval`` as the task's host-side :class:`Evaluator`.
+for padding rows, and with ``ignore_regions`` ``box_ignore`` (M,): 1 for an ignore region) have
+a fixed ``max_boxes`` rows; an image with no object is valid. Ignore regions are no training
+targets and are ignored by the evaluation. Evaluation (host-side :class:`Evaluator`): COCO AP,
+AP50, AP75 and AR from ``faster-coco-eval`` (ignore regions as ``iscrowd``), or for VOC the
+devkit's mAP@0.5, all-point (VOC2010+) and 11-point (VOC2007), ignore regions as
+``difficult``. docs/detection.md lists each part with its reference and its test.
 """
 
 import functools
