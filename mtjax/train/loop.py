@@ -170,6 +170,10 @@ def load_data(cfg, split: str, label_keys, entry: dict | None = None):
   data_dir = entry["data_dir"] or None
   size = tuple(cfg.dataset.image_size)
   try:
+    if jax.process_count() > 1:   # process 0 first: one builder for a shared data dir
+      _after_process_zero(lambda: data.open_split(name, split, image_size=size,
+                                                  data_dir=data_dir,
+                                                  split_sizes=entry["split_sizes"]))
     if data.DATASETS[name].in_memory:
       arrays = data.load_split(name, split, image_size=size, data_dir=data_dir,
                                split_sizes=entry["split_sizes"])
@@ -377,6 +381,23 @@ def evaluate_split(evaluate, state, arrays, tasks, batch_size, mesh) -> dict:
   return results
 
 
+def _after_process_zero(prepare) -> None:
+  """Runs ``prepare()`` on process 0, then (after a barrier) on the other processes: hosts
+  that share a data dir build a dataset once, instead of racing to rename the same folder."""
+  from jax.experimental import multihost_utils
+  error = None
+  if _primary():
+    try:
+      prepare()
+    except Exception as e:  # noqa: BLE001 -- raised after the barrier, which the others wait at
+      error = e
+  multihost_utils.sync_global_devices("mtjax: dataset prepared by process 0")
+  if error is not None:
+    raise error
+  if not _primary():
+    prepare()
+
+
 def _primary() -> bool:
   """Whether this process writes the workdir's files (one host: always; several: process 0;
   orbax coordinates the checkpoints itself)."""
@@ -466,9 +487,9 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   else:
     train_arrays = load_data(cfg, "train", exp.label_keys)
     val_arrays = load_data(cfg, "validation", exp.label_keys)
-    try:
+    try:  # this process's share of the global batch
       tasks_lib.check_batch(exp.tasks, pipeline.train_batch(train_arrays, step=0, **data_kw),
-                            cfg.dataset.image_size, cfg.batch_size)
+                            cfg.dataset.image_size, cfg.batch_size // jax.process_count())
     except ValueError as e:
       raise UserError(f"dataset {cfg.dataset.name!r}: {e}") from None
   try:
