@@ -311,8 +311,9 @@ def initial_state(cfg, trainer, workdir: str, step: int | None, model=None):
   state = trainer.init(jax.random.PRNGKey(cfg.seed))
   if step is None and cfg.model.get("pretrained", ""):
     with _building():
-      params, stats = pretrained.load_backbone(model, state.params, state.batch_stats,
-                                               cfg.model.pretrained)
+      params, stats = pretrained.load(model, state.params, state.batch_stats,
+                                      cfg.model.pretrained,
+                                      cfg.model.get("architecture", "hard"))
     state = state._replace(params=params, batch_stats=stats)
   if step is not None:
     state, _, _ = checkpoint.restore_newest(os.path.join(workdir, "checkpoints"), state,
@@ -751,15 +752,18 @@ def _relations_summary(log_path: str, names, conflict_level: str | None = None) 
 
 
 def evaluate(cfg, workdir: str) -> dict:
-  """Restores the newest checkpoint of ``workdir`` and writes the results (``mtjax eval``)."""
+  """Restores the newest checkpoint of ``workdir`` and writes the results (``mtjax eval``);
+  without a checkpoint there, the weights of ``config.model.pretrained`` (e.g. a model trained
+  by LibMTL)."""
   mesh = make_mesh(cfg)
   config_lib.validate(cfg, mesh.size)
   exp = build(cfg)
   trainer = make_trainer(cfg, exp, mesh)
   step = check_workdir(cfg, workdir)
-  if step is None:
-    raise UserError(f"--workdir: {workdir!r} has no checkpoint to evaluate")
-  state = initial_state(cfg, trainer, workdir, step)
+  if step is None and not cfg.model.get("pretrained", ""):
+    raise UserError(f"--workdir: {workdir!r} has no checkpoint to evaluate (nor is "
+                    "config.model.pretrained set)")
+  state = initial_state(cfg, trainer, workdir, step, exp.model)
   return report(cfg, workdir, exp, trainer, state, mesh)
 
 
