@@ -237,23 +237,38 @@ def test_step_schedule_checks_its_fields():
     optim.make_schedule(cfg, 10)
 
 
-def test_full_size_model_has_libmtls_parameter_count_and_runs(ref, nyu_tasks):
+def _fixture_script():
+  """The fixture script as a module (its weight drawing needs numpy only)."""
+  import importlib.util
+  path = FIXTURE.parent / "make_libmtl_deeplab_fixture.py"
+  spec = importlib.util.spec_from_file_location("make_libmtl_deeplab_fixture", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_full_size_model_equals_libmtl(ref, nyu_tasks):
   """``resnet_dilated('resnet50')`` and three 256-channel DeepLab heads on 2048 channels:
-  LibMTL's count, and one forward on a small input (random weights, no init compiled)."""
+  LibMTL's parameter count, the same tensor names and shapes, and LibMTL's predictions for
+  weights drawn from each tensor's name (eval mode, a 32×32 image)."""
+  import json
+
   model = models.build("resnet50", nyu_tasks, output_stride=8, stem="imagenet", head="deeplab",
                        head_hidden=256)
   shapes = shapes_of(model, (32, 32, 3))
   assert sum(x.size for x in jax.tree_util.tree_leaves(shapes["params"])) == int(
       ref["full_param_count"])
-  rng = np.random.default_rng(0)
-  variables = jax.tree_util.tree_map(
-      lambda s: jnp.asarray(rng.normal(0, 0.02, s.shape) + (1.0 if s.ndim == 1 else 0.0),
-                            s.dtype), shapes)
-  out = jax.jit(lambda v, x: model.apply(v, x, train=False))(
-      variables, jnp.ones((1, 32, 32, 3)))
+  script = _fixture_script()
+  tensors = {name: script.full_size_tensor(name, tuple(shape))
+             for name, shape in json.loads(str(ref["full_shapes"])).items()}
+  variables = pretrained.LIBMTL_IMPORTERS["hard"](tensors, dict(shapes))
+  del tensors
+  out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, script.full_size_image())
   assert out["features"].shape == (1, 4, 4, 2048)        # output stride 8
-  assert out["segmentation"].shape == (1, 32, 32, 13)
-  assert all(np.all(np.isfinite(out[t])) for t in NYU_TASKS)
+  for name in NYU_TASKS:
+    expected = ref[f"full_pred_{pretrained.libmtl_task(name)}"].transpose(0, 2, 3, 1)
+    scale = np.max(np.abs(expected))
+    np.testing.assert_allclose(out[name], expected, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
 
 
 def test_input_norm_is_applied_once_inside_the_model(nyu_tasks):
