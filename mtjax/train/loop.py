@@ -64,6 +64,9 @@ def build(cfg) -> Experiment:
   if cfg.model.get("pretrained", ""):
     with _building():
       pretrained.check_path(cfg.model.pretrained)
+      shapes = _shapes(model, cfg)  # the file against the model, before anything compiles
+      pretrained.load(model, shapes["params"], shapes.get("batch_stats", {}),
+                      cfg.model.pretrained, cfg.model.get("architecture", "hard"))
   with _building("weighting.name"):
     weighting.hparams(cfg.weighting.name)
   with _building("weighting"):
@@ -104,12 +107,16 @@ def optimizer_config(cfg):
   return opt
 
 
+def _shapes(model, cfg):
+  """The variables of ``model`` as shapes (nothing is computed)."""
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                           jnp.zeros((1, *cfg.dataset.image_size, 3)),
+                                           train=False))
+
+
 def _groups(model, cfg) -> list[str]:
   """The parameter groups of ``model`` (shapes only: nothing is computed)."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                             jnp.zeros((1, *cfg.dataset.image_size, 3)),
-                                             train=False))
-  return labels.groups(model, shapes["params"])
+  return labels.groups(model, _shapes(model, cfg)["params"])
 
 
 def make_trainer(cfg, exp: Experiment, mesh, relation_args: dict | None = None):
@@ -315,8 +322,9 @@ def initial_state(cfg, trainer, workdir: str, step: int | None, model=None):
   state = trainer.init(jax.random.PRNGKey(cfg.seed))
   if step is None and cfg.model.get("pretrained", ""):
     with _building():
-      params, stats = pretrained.load_backbone(model, state.params, state.batch_stats,
-                                               cfg.model.pretrained)
+      params, stats = pretrained.load(model, state.params, state.batch_stats,
+                                      cfg.model.pretrained,
+                                      cfg.model.get("architecture", "hard"))
     state = state._replace(params=params, batch_stats=stats)
   if step is not None:
     state, _, _ = checkpoint.restore_newest(os.path.join(workdir, "checkpoints"), state,
@@ -772,15 +780,20 @@ def _relations_summary(log_path: str, names, conflict_level: str | None = None) 
 
 
 def evaluate(cfg, workdir: str) -> dict:
-  """Restores the newest checkpoint of ``workdir`` and writes the results (``mtjax eval``)."""
+  """Restores the newest checkpoint of ``workdir`` and writes the results (``mtjax eval``);
+  without a checkpoint there, the weights of ``config.model.pretrained`` (e.g. a model trained
+  by LibMTL)."""
   mesh = make_mesh(cfg)
   config_lib.validate(cfg, mesh.size)
   exp = build(cfg)
   trainer = make_trainer(cfg, exp, mesh)
   step = check_workdir(cfg, workdir)
-  if step is None:
-    raise UserError(f"--workdir: {workdir!r} has no checkpoint to evaluate")
-  state = initial_state(cfg, trainer, workdir, step)
+  if step is None and not cfg.model.get("pretrained", ""):
+    raise UserError(f"--workdir: {workdir!r} has no checkpoint to evaluate (nor is "
+                    "config.model.pretrained set)")
+  state = initial_state(cfg, trainer, workdir, step, exp.model)
+  os.makedirs(workdir, exist_ok=True)
+  open(os.path.join(workdir, "metrics.jsonl"), "a").close()  # imported weights: an empty log
   return report(cfg, workdir, exp, trainer, state, mesh)
 
 
