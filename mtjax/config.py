@@ -160,7 +160,7 @@ def validate(cfg, num_devices: int = 1) -> None:
   several builders.
 
   The fields of one builder (model, weighting method, optimizer, gradient level) are checked
-  by that builder (see ``mtjax.train.loop.build``), with errors naming the field.
+  by that builder (see ``mtjax.train.setup.build``), with errors naming the field.
   """
   if not several_datasets(cfg):
     try:

@@ -21,7 +21,7 @@ class Evaluator(NamedTuple):
   ``update(state, predictions, batch)`` receives numpy arrays: ``predict_fn``'s output and the
   host batch (with its ``mask`` of padded examples); ``result(state) -> {metric: float}``.
   ``check()`` (optional) raises ImportError, naming the package and how to install it, when a
-  library the evaluator needs is missing: ``loop.build`` calls it, so a run fails before
+  library the evaluator needs is missing: ``setup.build`` calls it, so a run fails before
   training rather than at its first evaluation.
   """
 

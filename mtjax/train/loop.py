@@ -181,8 +181,8 @@ def initial_state(run: setup.Run, trainer, workdir: str, step: int | None):
   state = trainer.init(jax.random.PRNGKey(run.seed))
   if step is None and run.pretrained:
     with setup.building():
-      params, stats = pretrained.load_backbone(run.experiment.model, state.params,
-                                               state.batch_stats, run.pretrained)
+      params, stats = pretrained.load(run.experiment.model, state.params, state.batch_stats,
+                                      run.pretrained, run.architecture)
     state = state._replace(params=params, batch_stats=stats)
   if step is not None:
     state, _, _ = checkpoint.restore_newest(os.path.join(workdir, "checkpoints"), state,
@@ -349,13 +349,18 @@ def _relations_summary(log_path: str, names, conflict_level: str | None = None) 
 
 
 def evaluate(run, workdir: str) -> dict:
-  """Restores the newest checkpoint of ``workdir`` and writes the results (``mtjax eval``)."""
+  """Restores the newest checkpoint of ``workdir`` and writes the results (``mtjax eval``);
+  without a checkpoint there, the weights of ``config.model.pretrained`` (e.g. a model trained
+  by LibMTL)."""
   run = _plan(run)
   trainer = setup.make_trainer(None, run.experiment, run.mesh, run.step_options)
   step = check_workdir(run, workdir)
-  if step is None:
-    raise UserError(f"--workdir: {workdir!r} has no checkpoint to evaluate")
+  if step is None and not run.pretrained:
+    raise UserError(f"--workdir: {workdir!r} has no checkpoint to evaluate (nor is "
+                    "config.model.pretrained set)")
   state = initial_state(run, trainer, workdir, step)
+  os.makedirs(workdir, exist_ok=True)
+  open(os.path.join(workdir, "metrics.jsonl"), "a").close()  # imported weights: an empty log
   return report(run, workdir, trainer, state)
 
 

@@ -92,7 +92,8 @@ class Run(NamedTuple):
   method_name: str
   nonfinite: str
   max_consecutive_skips: int
-  pretrained: str          # a backbone file for a fresh run, or ""
+  pretrained: str          # a backbone (or whole model) file for a fresh run, or ""
+  architecture: str        # config.model.architecture (how a pretrained file maps onto it)
   keep_checkpoints: int
   prediction_images: int
   tensorboard: bool
@@ -129,6 +130,9 @@ def build(cfg) -> Experiment:
   if cfg.model.get("pretrained", ""):
     with building():
       pretrained.check_path(cfg.model.pretrained)
+      shapes = _shapes(model, cfg)  # the file against the model, before anything compiles
+      pretrained.load(model, shapes["params"], shapes.get("batch_stats", {}),
+                      cfg.model.pretrained, cfg.model.get("architecture", "hard"))
   with building("weighting.name"):
     weighting.hparams(cfg.weighting.name)
   with building("weighting"):
@@ -169,12 +173,16 @@ def optimizer_config(cfg):
   return opt
 
 
+def _shapes(model, cfg):
+  """The variables of ``model`` as shapes (nothing is computed)."""
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                           jnp.zeros((1, *cfg.dataset.image_size, 3)),
+                                           train=False))
+
+
 def _groups(model, cfg) -> list[str]:
   """The parameter groups of ``model`` (shapes only: nothing is computed)."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                             jnp.zeros((1, *cfg.dataset.image_size, 3)),
-                                             train=False))
-  return labels.groups(model, shapes["params"])
+  return labels.groups(model, _shapes(model, cfg)["params"])
 
 
 def _relations(cfg) -> dict:
@@ -310,6 +318,7 @@ def resolve(cfg) -> Run:
       seed=cfg.seed, method_name=cfg.weighting.name, nonfinite=options.nonfinite,
       max_consecutive_skips=options.max_consecutive_skips,
       pretrained=cfg.model.get("pretrained", "") or "",
+      architecture=cfg.model.get("architecture", "hard"),
       keep_checkpoints=cfg.keep_checkpoints, prediction_images=cfg.get("prediction_images", 0),
       tensorboard=cfg.get("tensorboard", False),
       baselines={t: dict(m) for t, m in cfg.baselines.items()},
