@@ -445,10 +445,11 @@ def test_loop_prediction_png_draws_the_boxes(det_seg_data, tmp_path, monkeypatch
   variables = host_variables(exp.model, (SIZE, SIZE, 3))
   state = types.SimpleNamespace(params=variables["params"],
                                 batch_stats=variables.get("batch_stats", {}))
-  trainer = types.SimpleNamespace(predict=jax.jit(lambda state, images: {
-      name: task.predict_fn(exp.model.apply(
-          {"params": state.params, "batch_stats": state.batch_stats}, images, False)[name])
-      for name, task in exp.tasks.items()}))
+  predict = jax.jit(lambda params, stats, images: {
+      name: task.predict_fn(exp.model.apply({"params": params, "batch_stats": stats}, images,
+                                            False)[name]) for name, task in exp.tasks.items()})
+  trainer = types.SimpleNamespace(
+      predict=lambda state, images: predict(state.params, state.batch_stats, images))
   loop.prediction_shower(run, trainer, val, sinks.Sinks((), None, None, str(tmp_path)))(
       state, 7)
   assert (tmp_path / "predictions" / "step_7.png").stat().st_size > 0
