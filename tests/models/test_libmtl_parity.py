@@ -255,3 +255,18 @@ def test_dselect_k_entropy_regulariser_equals_libmtl():
                              rtol=1e-4, atol=1e-12)
   assert np.abs(grad["z_logits"]["kernel"]).max() > 0
   assert not np.any(grad["w_logits"]["kernel"])  # the entropy does not depend on α
+
+
+def test_mtan_attention_hidden_width_is_libmtls():
+  """The attention's hidden width is ``C / expansion`` (LibMTL's and the official code's
+  ``att_layer(in, C // expansion, C)``): ``C`` for basic blocks, ``C / 4`` for bottlenecks."""
+  for backbone, hidden in (("resnet18", 8), ("resnet50", 8)):
+    tasks = tiny_tasks(("depth",))
+    model = models.build(backbone, tasks, architecture="mtan", width=8, output_stride=32,
+                         stem="imagenet", head_hidden=4)
+    shapes = jax.eval_shape(lambda m=model: m.init(jax.random.PRNGKey(0),
+                                                   jnp.zeros((1, 32, 32, 3)), train=False))
+    attention = shapes["params"]["attention_depth_stage1"]
+    channels = 8 * (4 if backbone == "resnet50" else 1)
+    assert attention["Conv_0"]["kernel"].shape == (1, 1, channels, hidden), backbone
+    assert attention["Conv_1"]["kernel"].shape == (1, 1, hidden, channels), backbone
