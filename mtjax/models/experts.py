@@ -38,7 +38,12 @@ Learned task relations are sown into the ``"relations"`` collection (the step lo
 experts (shared experts first, then the task's own); PLE adds ``"gate/<task>/level<j>"`` and
 ``"gate/shared/level<j>"`` for its lower levels; DSelect-k adds ``"dselect_k/<task>/selectors"``
 (the batch-mean ``(k, E)`` single-expert selector outputs) and ``"dselect_k/<task>/alpha"``
-(their ``(k,)`` mixing weights).
+(their ``(k,)`` mixing weights). DSelect-k's entropy regulariser is an auxiliary loss
+(``"aux_losses"``, :data:`mtjax.models.multitask.AUX_LOSSES`): ``"dselect_k/<task>/entropy"``.
+
+Parity with LibMTL's ``MMoE``, ``CGC``, ``DSelect_k`` and ``PLE`` (the differences above, named
+and substituted into LibMTL's run): ``tests/models/test_libmtl_parity.py``,
+docs/architectures.md.
 
 Labels (:mod:`mtjax.models.labels`): ``"shared/stem"``, ``"shared/stage<i>"`` (the trunk),
 ``"shared/expert<i>"`` (shared experts; PLE ``"shared/level<j>/expert<i>"``,
