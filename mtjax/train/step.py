@@ -667,6 +667,10 @@ def apply_gradients(state: TrainState, optimizer, names, grads, weighting_state,
                     max_consecutive_skips: int = 10, frozen=None):
   """The optimizer update that ends a train step, and the step's metrics.
 
+  ``grads`` is the balanced direction; the gradient of the model's auxiliary losses
+  (``terms.aux_grad``, if it sowed any) is added to it here, after the task weighting, and each
+  is logged as ``loss/aux/<name>``.
+
   The step also checks, on device, that the task losses, the gradient and the updated
   parameters are finite (:func:`check_health`; nothing waits for the host). ``nonfinite="stop"``
   only records the first step that is not (the loop stops there: the trajectory of a healthy
