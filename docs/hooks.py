@@ -12,8 +12,6 @@ import os
 import re
 import sys
 
-from mkdocs.structure.files import File, InclusionLevel
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _this_checkouts_mtjax():
@@ -36,6 +34,7 @@ def expand_registries(markdown: str) -> str:
 
 
 def on_files(files, config):
+  from mkdocs.structure.files import File, InclusionLevel
   results = os.path.join(ROOT, "experiments")
   for folder, _, names in os.walk(os.path.join(results, "results")):
     for name in sorted(names):

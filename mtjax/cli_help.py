@@ -40,7 +40,7 @@ commands:
   installed wheel. Every field can be overridden with --config.FIELD=VALUE.
 
 main config fields (example overrides):
-  weighting.name          the method; ARG sets it       --config experiments/configs/shapes.py:cagrad
+  weighting.name          the method; ARG sets it       --config shapes.py:cagrad
   weighting.<hparam>      the method's hyperparameters  --config.weighting.c=0.2
   grad_level              where gradient methods act    --config.grad_level=representation
   tasks                   the tasks trained together    --config.tasks='("segmentation", "depth")'
@@ -72,7 +72,8 @@ A user error prints one line, `mtjax: error: ...`, and exits with 2 (--verbose: 
 Documentation: docs/index.md in the source tree (the MkDocs site)."""
 
 
-_SENTENCE_END = re.compile(r"(?<!\bAlg)(?<!\bEq)(?<!\bEqs)(?<!\bSec)(?<!\bal)(?<!\bFig)(?<!\bvs)\.\s")
+_SENTENCE_END = re.compile(
+    r"(?<!\bAlg)(?<!\bEq)(?<!\bEqs)(?<!\bSec)(?<!\bal)(?<!\bFig)(?<!\bvs)\.\s")
 _ROLE = re.compile(r":(?:func|class|mod|meth|attr|data|obj):`~?([^`]+)`")
 
 
