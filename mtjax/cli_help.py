@@ -178,8 +178,8 @@ def format_list(kind: str) -> str:
 
 def markdown_table(kind: str) -> str:
   """The registry ``kind`` as a Markdown table (the documentation site's lists)."""
-  def cell(text):
-    return text.replace("|", "\\|")
+  def cell(text):  # "|" (norms in formulas) as U+2223: a table cell cannot hold a pipe in code
+    return text.replace("|", "\u2223")
   header = HEADERS[kind]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in rows(kind):

@@ -3,8 +3,9 @@
 Pure functions; the train step calls them behind a ``jax.lax.cond`` so that they cost nothing
 at the steps that do not log them (:mod:`mtjax.train.trainer`).
 
-* Gradient conflict (Yu et al. 2020, PCGrad's "conflicting gradients": ``cos(g_i, g_j) < 0``):
-  :func:`cosine_from_gram`, :func:`conflict_fraction`, :func:`conflict_metrics`.
+* Gradient conflict (Yu et al. 2020, PCGrad's "conflicting gradients": ``cos(g_i, g_j) < 0``;
+  counted here below :data:`CONFLICT_THRESHOLD`, -0.05): :func:`cosine_from_gram`,
+  :func:`conflict_fraction`, :func:`conflict_metrics`.
 * Inter-task affinity (Fifty et al. 2021, "Efficiently Identifying Task Groupings for
   Multi-Task Learning", TAG, eq. 1-3): the lookahead ``Z[i, j] = 1 - L_j(θ_s - η g_i,
   θ_j) / L_j(θ_s, θ_j)`` of task ``i``'s gradient step on the shared parameters onto task
