@@ -75,6 +75,9 @@ def train(run, workdir: str, *, progress: bool = True, stop_after: int | None = 
       done = step + 1
       if periods.logs(done):
         record = log_record(step_metrics)
+        if "conflict/cosine" in record:  # the pairs below config.relations.conflict_threshold
+          record["conflict/fraction"] = float(relations.conflict_fraction(
+              np.asarray(record["conflict/cosine"]), run.conflict_threshold))
         if not periods.affinity_at(done):
           record.pop("affinity", None)
         now = time.perf_counter()
@@ -316,7 +319,8 @@ def report(run: setup.Run, workdir, trainer, state, val_split=None, out=None,
                                    trainer.conflict_level))
   if not sinks.primary():  # several hosts: process 0 writes the files
     return result
-  sinks.write_results(workdir, result, tables, trainer.conflict_level, tuple(exp.tasks))
+  sinks.write_results(workdir, result, tables, trainer.conflict_level, tuple(exp.tasks),
+                      run.conflict_threshold)
   if show is None:
     first_split = val_split[0] if isinstance(val_split, list) else val_split
     show = prediction_shower(run, trainer, first_split, out or sinks.Sinks((), None, None,

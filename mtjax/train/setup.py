@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from mtjax import config as config_lib
 from mtjax import data as data_lib
-from mtjax import models, weighting
+from mtjax import models, relations, weighting
 from mtjax import tasks as tasks_lib
 from mtjax.data import augment, pipeline
 from mtjax.errors import UserError
@@ -98,6 +98,7 @@ class Run(NamedTuple):
   prediction_images: int
   tensorboard: bool
   baselines: dict          # {task: {metric: value}}
+  conflict_threshold: float  # a pair of tasks conflicts below this cosine (logged fraction)
   identity: dict           # the fields that define the trajectory (mtjax.config.identity)
   config: dict             # the whole config, as config.json holds it
 
@@ -186,13 +187,16 @@ def _groups(model, cfg) -> list[str]:
 
 
 def _relations(cfg) -> dict:
-  """``config.relations`` checked: ``{conflict, conflict_level, affinity_every, affinity_lr}``
-  (absent: conflict at logging steps at the automatic level, no affinity)."""
+  """``config.relations`` checked: ``{conflict, conflict_level, affinity_every, affinity_lr,
+  conflict_threshold}`` (absent: conflict at logging steps at the automatic level, PCGrad's
+  threshold, no affinity)."""
   rel = dict(cfg.get("relations", None) or {})
-  unknown = sorted(set(rel) - {"conflict", "conflict_level", "affinity_every", "affinity_lr"})
+  unknown = sorted(set(rel) - {"conflict", "conflict_level", "affinity_every", "affinity_lr",
+                                "conflict_threshold"})
   if unknown:
     raise ValueError(f"relations: unknown field(s) {unknown}; expected conflict, "
-                     "conflict_level, affinity_every, affinity_lr")
+                     "conflict_level, conflict_threshold, affinity_every, affinity_lr")
+  threshold = relations.conflict_threshold(rel)
   conflict = rel.get("conflict", True)
   if not isinstance(conflict, bool):
     raise ValueError(f"relations.conflict: got {conflict!r}; expected a bool")
@@ -208,7 +212,7 @@ def _relations(cfg) -> dict:
     raise ValueError(f"relations.affinity_lr: got {lr!r}; expected a number >= 0 (0: the "
                      "optimizer's learning rate at the step)")
   return {"conflict": conflict, "conflict_level": level, "affinity_every": every,
-          "affinity_lr": float(lr) if lr else None}
+          "affinity_lr": float(lr) if lr else None, "conflict_threshold": threshold}
 
 
 def periods(cfg) -> Periods:
@@ -322,6 +326,7 @@ def resolve(cfg) -> Run:
       keep_checkpoints=cfg.keep_checkpoints, prediction_images=cfg.get("prediction_images", 0),
       tensorboard=cfg.get("tensorboard", False),
       baselines={t: dict(m) for t, m in cfg.baselines.items()},
+      conflict_threshold=_relations(cfg)["conflict_threshold"],
       identity=config_lib.identity(cfg), config=cfg.to_dict())
 
 

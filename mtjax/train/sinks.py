@@ -157,7 +157,8 @@ def flat(results, prefix):
   return {f"{prefix}/{t}/{m}": v for t, values in results.items() for m, v in values.items()}
 
 
-def write_results(workdir: str, out: dict, tables, conflict_level, names) -> None:
+def write_results(workdir: str, out: dict, tables, conflict_level, names,
+                  conflict_threshold: float) -> None:
   """``results.json``, ``results.md`` (printed), ``curves.png`` and ``relations.png``."""
   text = "\n\n".join(tables)
   with open(os.path.join(workdir, "results.json"), "w") as f:
@@ -167,7 +168,8 @@ def write_results(workdir: str, out: dict, tables, conflict_level, names) -> Non
   print(text)
   log_path = os.path.join(workdir, "metrics.jsonl")
   figures.plot_curves(log_path, os.path.join(workdir, "curves.png"),
-                      {"step": out["step"], **flat(out["validation"]["metrics"], "validation")})
+                      {"step": out["step"], **flat(out["validation"]["metrics"], "validation")},
+                      conflict_threshold=conflict_threshold)
   figures.relation_heatmaps(
       log_path, os.path.join(workdir, "relations.png"), tuple(names),
       titles={"conflict/cosine": f"conflict/cosine ({conflict_level} level)"}
