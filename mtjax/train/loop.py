@@ -27,6 +27,7 @@ from mtjax.errors import RunError, UserError
 from mtjax.models import labels, pretrained
 from mtjax.tasks import detection_plot
 from mtjax.train import figures, optim, strategies
+from mtjax.train import meta as meta_lib
 from mtjax.train import step as step_lib
 from mtjax.train import trainer as trainer_lib
 from mtjax.train.figures import plot_curves
@@ -68,6 +69,8 @@ def build(cfg) -> Experiment:
     weighting.hparams(cfg.weighting.name)
   with _building("weighting"):
     method = weighting.get(cfg.weighting.name, **config_lib.weighting_kwargs(cfg))
+  with _building():
+    meta_lib.check_meta_split(method, cfg.meta_split)
   with _building():
     if any(optim.group_rules(cfg.optimizer)):  # the groups cost a trace of the model
       optim.check_groups(cfg.optimizer, _groups(model, cfg))
@@ -489,14 +492,14 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
       _rewind_log(log_path, saved)
   elif os.path.exists(log_path) and _primary():
     os.remove(log_path)
-  if exp.method.level == "meta" and several:
+  if meta_lib.draws_meta_batch(exp.method) and several:
     meta_mix = mix if cfg.meta_split == "train" else val_mix
 
     def train_step(state, batch, step):  # the meta batch: an independent draw (seed + 1)
       meta_batch = mixture_batch(meta_mix, cfg, step, cfg.seed + 1)
       return trainer.step(state, batch, step_lib.shard_batch(meta_batch, mesh),
                           phase=trainer.phase(step))
-  elif exp.method.level == "meta":
+  elif meta_lib.draws_meta_batch(exp.method):
     meta_arrays = train_arrays if cfg.meta_split == "train" else val_arrays
 
     def train_step(state, batch, step):  # the meta batch: an independent draw (seed + 1)

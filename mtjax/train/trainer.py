@@ -128,6 +128,8 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
   mesh = make_mesh() if mesh is None else mesh
   double_sampling = bool(getattr(method, "double_sampling", False))
   check_double_sampling(method, batch_size, mesh.devices.size, task_chunk)
+  meta_lib.check_batch(method, batch_size, mesh.devices.size)
+  split = meta_lib.trains_on_meta(method)
   names = tuple(tasks)
   frozen = tuple(frozen)
   level = conflict_level_of(model, method, grad_level, conflict_level)
@@ -184,7 +186,7 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
       return terms
 
     def step(state: TrainState, batches):
-      batch, meta_batch = batches
+      batch, meta_batch = meta_lib.split_batch(batches[0]) if split else batches
       key = jax.random.fold_in(state.key, state.step)
       done = state.step + 1
       logs = ((done % conflict_every == 0) | (done == last_step)) if conflict_every else None
@@ -252,7 +254,7 @@ def make_trainer(model, tasks: Mapping, method, optimizer, *, image_shape, batch
   phase_of = phase_at or (lambda step: strategies_lib.END_TO_END)
 
   def train_step(state, batch, meta_batch=None, *, phase=None):
-    if method.level == "meta" and meta_batch is None:
+    if meta_lib.draws_meta_batch(method) and meta_batch is None:
       raise ValueError("meta_batch: a meta-level method's step needs a meta batch")
     if phase is None and phase_at is not None:
       raise ValueError("phase: a trainer with a strategy needs the step's phase "
