@@ -97,8 +97,10 @@ def cagrad(c: float = 0.4, rescale: int = 1, num_iters: int = 20,
 
   At a Pareto-stationary point (0 in the convex hull of the gradients) the dual solution can
   have ``g_w = 0``, where ``g_w / |g_w|`` has no direction: as torchjd's ``CAGradWeighting``,
-  when ``|g_w| < norm_eps |J|_F`` (``|J|_F² = tr G``; ``norm_eps = 1e-4``, torchjd's default)
-  and ``c > 0`` the weights are 0 (no move). For ``c >= 1`` that is exactly the stationary case:
+  when ``|g_w| < norm_eps |J|_F`` (``|J|_F² = tr G``) and ``c > 0`` the weights are 0 (no move).
+  ``norm_eps = 1e-3``, not torchjd's 1e-4: ``|g_w|² = wᵀ G w`` from a float32 Gram matrix
+  carries a rounding error of about ``1e-7 tr G``, so ``|g_w|`` below ``≈ 3e-4 |J|_F`` cannot be
+  told from 0. For ``c >= 1`` that is exactly the stationary case:
   ``g_wᵀ g_0 + c |g_0| |g_w| >= 0`` with equality only at ``g_w = 0``.
   """
   if rescale not in (0, 1, 2):
