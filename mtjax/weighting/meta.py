@@ -144,7 +144,8 @@ WEIGHT_NET_SPEC = MetaSpec(learned=lambda state: state.params, weights=_weight_n
 
 def weight_net(hidden=16, meta_lr=1e-3, average_decay=0.9, primary_tasks=None,
                seed=0) -> Method:
-  """A weighting network learned by the exact meta-gradient of the validation loss.
+  """mtjax's own method (no paper defines it): a weighting network learned by the exact
+  meta-gradient of the validation loss.
 
   ``λ = net_φ(features)`` (:func:`weight_net_apply` on :func:`loss_features`: each task's
   current loss, its ratio to the first loss, its trend against a moving average with decay
