@@ -63,3 +63,21 @@ def test_refuses_a_batch_it_cannot_halve():
   with pytest.raises(ValueError, match=r"^batch_size: got 7 .*expected a multiple of"):
     make_trainer(p.model, p.tasks, weighting.get("forum"), optax.sgd(1.0), image_shape=(5,),
                  batch_size=7)
+
+
+def test_loop_trains_forum_without_a_meta_batch(tmp_path, monkeypatch):
+  """The loop draws no separate meta batch for FORUM: ``pipeline.train_batch`` is called once
+  per step (the train batch), with the train seed only."""
+  from mtjax.data import pipeline
+  seeds = []
+  draw = pipeline.train_batch
+
+  def counting(*args, **kwargs):
+    seeds.append(kwargs.get("seed"))
+    return draw(*args, **kwargs)
+
+  monkeypatch.setattr(pipeline, "train_batch", counting)
+  cfg = tiny_config(tmp_path / "data", method="forum", num_steps=2, eval_every=0, batch_size=16,
+                    checkpoint_every=0, **{"weighting.inner_steps": 1})
+  loop.train(cfg, str(tmp_path / "run"), progress=False)
+  assert seeds and cfg.seed + 1 not in seeds
