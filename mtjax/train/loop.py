@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtjax import checkpoint, data, metrics, models, relations, weighting
+from mtjax import checkpoint, data, metrics, models, relations, runtime, weighting
 from mtjax import config as config_lib
 from mtjax import tasks as tasks_lib
 from mtjax.data import augment, mixing, pipeline, sources
@@ -697,7 +697,8 @@ def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None, board=None,
       val_arrays = load_data(cfg, "validation", exp.label_keys)
     test_arrays = load_data(cfg, "test", exp.label_keys)
   baselines = {t: dict(m) for t, m in cfg.baselines.items()}
-  out, tables = {"step": int(state.step), "baselines": baselines}, []
+  out, tables = {"step": int(state.step), "baselines": baselines,
+                 "runtime": runtime.describe()}, []
   for split, arrays in (("validation", val_arrays), ("test", test_arrays)):
     results = evaluate_split(trainer.evaluate, state, arrays, exp.tasks, cfg.eval_batch_size, mesh)
     delta = metrics.delta_m(exp.tasks, results, baselines)
