@@ -170,12 +170,11 @@ def load_data(cfg, split: str, label_keys, entry: dict | None = None):
   data_dir = entry["data_dir"] or None
   size = tuple(cfg.dataset.image_size)
   try:
-    if data.DATASETS[name].in_memory:
-      arrays = data.load_split(name, split, image_size=size, data_dir=data_dir,
-                               split_sizes=entry["split_sizes"])
-    else:
-      arrays = data.open_split(name, split, image_size=size, data_dir=data_dir,
-                               split_sizes=entry["split_sizes"])
+    # The keys the run reads are picked before anything is read; a small dataset is then read
+    # whole, a large one (or one stored for lazy reading) batch by batch.
+    source = pipeline.select(data.open_split(name, split, image_size=size, data_dir=data_dir,
+                                             split_sizes=entry["split_sizes"]), label_keys)
+    arrays = sources.read_all(source) if data.reads_whole(name, source) else source
   except OSError as e:
     if isinstance(e, FileNotFoundError) and e.filename is None:  # its message has the layout
       raise UserError(f"config.{field}.data_dir: {e}") from None
@@ -191,7 +190,7 @@ def load_data(cfg, split: str, label_keys, entry: dict | None = None):
     where = {"image_size": "dataset.image_size", "split_sizes": f"{field}.split_sizes"}.get(
         key, f"{field}.data_dir")
     raise UserError(f"config.{where}: {str(e).removeprefix(key + ': ')}") from None
-  return pipeline.select(arrays, label_keys)
+  return arrays
 
 
 # Methods whose direction (nearly) vanishes on a step with a masked task, measured by
