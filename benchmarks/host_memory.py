@@ -11,7 +11,7 @@ peak resident memory (``ru_maxrss``) of two ways to read it:
   depth_valid, normals, boxes) stacked in memory;
 * ``det_seg's keys``: what ``loop.load_data`` does now for det_seg's tasks (image,
   segmentation, boxes, box_classes), whole if they fit in ``data.loading.IN_MEMORY_BYTES``,
-  else lazily (then the figure is one process reading ``--batches`` batches of 32). The budget
+  else lazily (then the figure is one process reading ``--batches`` batches of 8). The budget
   is scaled by ``examples / 4000`` in that process, so that the small split takes the path the
   full one takes.
 
@@ -38,7 +38,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--size", type=int, default=512)
   p.add_argument("--examples", type=int, default=40, help="training examples rendered")
-  p.add_argument("--batches", type=int, default=4, help="lazy path: batches of 32 read")
+  p.add_argument("--batches", type=int, default=4, help="lazy path: batches of 8 read")
   p.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "mtjax-hostmem"))
   p.add_argument("--out", default=None, help="writes OUT.json and OUT.md")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -52,7 +52,7 @@ def _config(args):
   cfg.dataset.split_sizes.train = args.examples
   cfg.dataset.split_sizes.validation = 2
   cfg.dataset.split_sizes.test = 2
-  cfg.batch_size = 32
+  cfg.batch_size = 8
   return cfg
 
 
