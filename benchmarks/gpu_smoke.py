@@ -46,17 +46,19 @@ NYU_METHODS = (("ew", "parameter"), ("pcgrad", "parameter"), ("upgrad", "paramet
 
 # A `mtjax train` process that also reports its compile seconds and the device's peak memory.
 BOOT = """
-import atexit, json, os, sys
+import atexit, collections, json, os, sys
 import jax
-compile_s = []
+durations, counts = collections.defaultdict(float), collections.Counter()
 def on_duration(event, seconds, **kwargs):
-  if event == "/jax/core/compile/backend_compile_duration":
-    compile_s.append(seconds)
+  durations[event] += seconds
+  counts[event] += 1
 jax.monitoring.register_event_duration_secs_listener(on_duration)
 def report():
   stats = jax.devices()[0].memory_stats() or {}
+  compile_event = "/jax/core/compile/backend_compile_duration"
   with open(os.environ["MTJAX_SMOKE_STATS"], "w") as f:
-    json.dump({"compile_s": sum(compile_s), "compiles": len(compile_s),
+    json.dump({"compile_s": durations[compile_event], "compiles": counts[compile_event],
+               "durations": durations, "counts": counts,
                "peak_bytes": stats.get("peak_bytes_in_use")}, f)
 atexit.register(report)
 from mtjax import cli
@@ -163,7 +165,7 @@ def det_seg_row(dry, base, env):
   stats, seconds = cli_run(["--config", config, *(DET_SEG_DRY if dry else DET_SEG)], workdir,
                            os.path.join(base, "det_seg.json"), env)
   log = read_log(workdir)
-  losses = [r["loss/total"] for r in log if "loss/total" in r]
+  losses = [r["loss"] for r in log if "loss" in r]
   finite = bool(losses) and all(np.isfinite(losses))
   with open(os.path.join(workdir, "results.json")) as f:
     ap50 = json.load(f)["validation"]["metrics"].get("detection", {}).get("ap50")
