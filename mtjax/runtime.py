@@ -87,17 +87,19 @@ def resolve_cache_dir(setting: str) -> str | None:
   return os.path.expanduser(setting)
 
 
-def set_compilation_cache(path: str | None) -> None:
+def set_compilation_cache(path: str | None, min_compile_seconds: float = 0.0) -> None:
   """Uses (``path``) or turns off (``None``) JAX's persistent compilation cache in this process.
 
-  Executables whose compilation took at least ``jax_persistent_cache_min_compile_time_secs``
-  (JAX's default, 1 s) are written; a later process with the same module, flags, devices and
-  JAX version reads them instead of compiling.
+  Executables whose compilation took at least ``min_compile_seconds`` are written (JAX's own
+  default is 1 s; a run of the default experiment compiles ~140 smaller programs too, ≈ 13 s
+  in all on the 2-core CPU: ``benchmarks/results/compile_cache_cpu.md``); a later process with
+  the same module, flags, devices and JAX version reads them instead of compiling.
   """
   if path is not None:
     os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_enable_compilation_cache", path is not None)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
 
 
 def describe() -> dict:
