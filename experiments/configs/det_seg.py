@@ -46,7 +46,8 @@ def get_config(arg=None):
       "output_stride": 32, "stem": "imagenet" if gpu else "small",
       "head_hidden": 128 if gpu else 32, "dtype": "bfloat16" if gpu else "float32",
       # A torchvision ResNet state dict (.pth, needs torch) or .safetensors file; "" for none.
-      "pretrained": "", "frozen_bn": False})
+      # torchvision's ImageNet weights expect its mean/std normalisation (inside the model).
+      "pretrained": "", "frozen_bn": False, "input_norm": "imagenet" if gpu else "none"})
   config.weighting = weighting_config(methods[0] if methods else "ew")
   config.grad_level = "parameter"
   config.task_chunk = 0
