@@ -81,13 +81,13 @@ DET_SEG = ["--config.num_steps=30", "--config.log_every=10", "--config.batch_siz
            "--config.eval_batch_size=4", "--config.prediction_images=0",
            "--config.dataset.split_sizes.train=24", "--config.dataset.split_sizes.validation=4",
            "--config.dataset.split_sizes.test=4", "--config.optimizer.warmup_steps=5"]
-DET_SEG_DRY = ["--config.num_steps=2", "--config.log_every=1", "--config.batch_size=4",
-               "--config.eval_batch_size=4", "--config.prediction_images=0",
+DET_SEG_DRY = ["--config.num_steps=2", "--config.log_every=1", "--config.batch_size=8",
+               "--config.eval_batch_size=8", "--config.prediction_images=0",
                "--config.dataset.image_size=(32, 32)", "--config.model.backbone=resnet_tiny",
                "--config.model.width=8", "--config.model.head_hidden=8",
                "--config.model.stem=small", "--config.model.dtype=float32",
-               "--config.dataset.split_sizes.train=4", "--config.dataset.split_sizes.validation=4",
-               "--config.dataset.split_sizes.test=4", "--config.optimizer.warmup_steps=1"]
+               "--config.dataset.split_sizes.train=8", "--config.dataset.split_sizes.validation=8",
+               "--config.dataset.split_sizes.test=8", "--config.optimizer.warmup_steps=1"]
 
 
 def parse_args(argv=None):

@@ -59,14 +59,14 @@ def parse_args(argv=None):
 
 
 def setup_config(name, tiny=False):
-  """The setup's config (``--tiny``: resnet_tiny, width 8, 32×32, batch 2)."""
+  """The setup's config (``--tiny``: resnet_tiny, width 8, 32×32, batch 8)."""
   file, arg = SETUPS[name]
   spec = os.path.join(ROOT, "experiments", "configs", file)
   cfg = _load(spec).get_config(arg)
   if tiny:
     cfg.dataset.image_size = (32, 32)
     cfg.model.backbone, cfg.model.width, cfg.model.head_hidden = "resnet_tiny", 8, 8
-    cfg.model.stem, cfg.model.output_stride, cfg.batch_size = "small", 8, 2
+    cfg.model.stem, cfg.model.output_stride, cfg.batch_size = "small", 8, 8
   return cfg
 
 
