@@ -139,10 +139,12 @@ def _relations_and_phases(cfg) -> dict:
   ``config.strategy`` / ``config.phases`` (absent: conflict at logging steps at the automatic
   level, no affinity, end to end)."""
   rel = dict(cfg.get("relations", None) or {})
-  unknown = sorted(set(rel) - {"conflict", "conflict_level", "affinity_every", "affinity_lr"})
+  unknown = sorted(set(rel) - {"conflict", "conflict_level", "affinity_every", "affinity_lr",
+                                "conflict_threshold"})
   if unknown:
     raise ValueError(f"relations: unknown field(s) {unknown}; expected conflict, "
-                     "conflict_level, affinity_every, affinity_lr")
+                     "conflict_level, conflict_threshold, affinity_every, affinity_lr")
+  relations.conflict_threshold(rel)
   conflict = rel.get("conflict", True)
   if not isinstance(conflict, bool):
     raise ValueError(f"relations.conflict: got {conflict!r}; expected a bool")
@@ -177,6 +179,10 @@ def load_data(cfg, split: str, label_keys, entry: dict | None = None):
   data_dir = entry["data_dir"] or None
   size = tuple(cfg.dataset.image_size)
   try:
+    if jax.process_count() > 1:   # process 0 first: one builder for a shared data dir
+      _after_process_zero(lambda: data.open_split(name, split, image_size=size,
+                                                  data_dir=data_dir,
+                                                  split_sizes=entry["split_sizes"]))
     if data.DATASETS[name].in_memory:
       arrays = data.load_split(name, split, image_size=size, data_dir=data_dir,
                                split_sizes=entry["split_sizes"])
@@ -385,6 +391,23 @@ def evaluate_split(evaluate, state, arrays, tasks, batch_size, mesh) -> dict:
   return results
 
 
+def _after_process_zero(prepare) -> None:
+  """Runs ``prepare()`` on process 0, then (after a barrier) on the other processes: hosts
+  that share a data dir build a dataset once, instead of racing to rename the same folder."""
+  from jax.experimental import multihost_utils
+  error = None
+  if _primary():
+    try:
+      prepare()
+    except Exception as e:  # noqa: BLE001 -- raised after the barrier, which the others wait at
+      error = e
+  multihost_utils.sync_global_devices("mtjax: dataset prepared by process 0")
+  if error is not None:
+    raise error
+  if not _primary():
+    prepare()
+
+
 def _primary() -> bool:
   """Whether this process writes the workdir's files (one host: always; several: process 0;
   orbax coordinates the checkpoints itself)."""
@@ -474,9 +497,9 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   else:
     train_arrays = load_data(cfg, "train", exp.label_keys)
     val_arrays = load_data(cfg, "validation", exp.label_keys)
-    try:
+    try:  # this process's share of the global batch
       tasks_lib.check_batch(exp.tasks, pipeline.train_batch(train_arrays, step=0, **data_kw),
-                            cfg.dataset.image_size, cfg.batch_size)
+                            cfg.dataset.image_size, cfg.batch_size // jax.process_count())
     except ValueError as e:
       raise UserError(f"dataset {cfg.dataset.name!r}: {e}") from None
   try:
@@ -572,6 +595,10 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
         affinity = affinity_every and done % affinity_every == 0
         if logs:
           record = log_record(step_metrics)
+          if "conflict/cosine" in record:  # the pairs below config.relations.conflict_threshold
+            record["conflict/fraction"] = float(relations.conflict_fraction(
+                np.asarray(record["conflict/cosine"]),
+                relations.conflict_threshold(cfg.get("relations", None))))
           if not affinity:
             record.pop("affinity", None)
           now = time.perf_counter()
@@ -725,7 +752,8 @@ def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None, board=None,
   print(text)
   log_path = os.path.join(workdir, "metrics.jsonl")
   plot_curves(log_path, os.path.join(workdir, "curves.png"),
-              {"step": int(state.step), **_flat(out["validation"]["metrics"], "validation")})
+              {"step": int(state.step), **_flat(out["validation"]["metrics"], "validation")},
+              conflict_threshold=relations.conflict_threshold(cfg.get("relations", None)))
   figures.relation_heatmaps(
       log_path, os.path.join(workdir, "relations.png"), tuple(exp.tasks),
       titles={"conflict/cosine": f"conflict/cosine ({trainer.conflict_level} level)"}
