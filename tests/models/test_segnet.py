@@ -14,16 +14,14 @@ import flax.traverse_util as traverse
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from mtjax import models, weighting
+from mtjax import models
 from mtjax import tasks as tasks_lib
 from mtjax.data import loading, sources
 from mtjax.metrics import accumulate, summarize
 from mtjax.models import labels, pretrained, segnet
 from mtjax.train import step as step_lib
-from mtjax.train.trainer import make_trainer
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
 FIXTURE = FIXTURES / "libmtl_segnet_tiny"
@@ -151,9 +149,10 @@ def _batch(size=(32, 32), n=2, seed=0):
 
 def test_labels_and_the_general_gradient_path():
   """LibMTL's shared parameters (the whole encoder, every task's attention included) are
-  labelled shared; the step takes the general path: its per-task gradients are ``jax.jacrev``
-  of the loss vector, zero on the other tasks' attention; the representation level is refused;
-  a few PCGrad steps compiled once lower the loss and report the attention means."""
+  labelled shared; the step takes the general path (its per-task gradients of the whole encoder,
+  zero on the other tasks' attention; the general path itself is checked against ``jax.jacrev``
+  in tests/train/test_contracts.py); the representation level is refused; the attention means
+  are reported as relations. (Train steps: tests/test_segnet_protocol.py.)"""
   tasks = nyuv2_tasks()
   model = build(1)
   like = shapes(model, (32, 32))
@@ -166,46 +165,31 @@ def test_labels_and_the_general_gradient_path():
   with pytest.raises(ValueError, match=r"grad_level: 'representation' needs a shared"):
     step_lib.check_grad_level(model, "representation")
 
-  mesh = step_lib.make_mesh(jax.devices()[:1])
-  trainer = make_trainer(model, tasks, weighting.get("pcgrad"), optax.adam(1e-3),
-                         image_shape=(32, 32, 3), batch_size=2, mesh=mesh)
-  state = jax.device_get(trainer.init(jax.random.PRNGKey(0)))
+  rng = np.random.default_rng(1)
+  variables = jax.tree_util.tree_map(
+      lambda x: jnp.asarray(rng.uniform(0.5, 1.5, x.shape) if x.ndim == 1 else
+                            rng.normal(0.0, 0.3, x.shape), x.dtype), like)
   batch = {k: jnp.asarray(v) for k, v in _batch().items()}
-  own = labels.split(model, state.params)
-  heads = [own[t] for t in tasks]
-
-  def loss_vector(shared):
-    variables = {"params": labels.merge(shared, *heads), "batch_stats": state.batch_stats}
-    out, _ = model.apply(variables, batch["image"], train=True,
-                         mutable=["batch_stats", "relations"])
-    return jnp.stack([step_lib.output_loss(tasks[t], out[t], batch)[0] for t in tasks])
-
   @jax.jit
-  def both(params):
-    terms = step_lib.task_terms(model, tasks, params, state.batch_stats, batch)
-    return terms.per_task()[0], jax.jacrev(loss_vector)(labels.split(model, params)["shared"])
+  def per_task(variables):
+    terms = step_lib.task_terms(model, tasks, variables["params"], variables["batch_stats"],
+                                batch)
+    return terms.per_task()[0], terms.relations
 
-  got, want = both(state.params)
+  got, relations = per_task(variables)
+  shared = traverse.flatten_dict(labels.split(model, variables["params"])["shared"])
+  assert set(traverse.flatten_dict(got)) == set(shared)   # the whole encoder, per task
   for path, g in traverse.flatten_dict(got).items():
-    w = traverse.flatten_dict(want)[path]
-    np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-6, err_msg=str(path))
+    assert g.shape == (len(tasks), *shared[path].shape)
     label = labels.label_of(model, path)
     for i, task in enumerate(tasks):
       if label.startswith("shared/attention/") and label != f"shared/attention/{task}":
         assert not np.any(g[i]), (task, path)   # another task's mask: no gradient
-  assert np.any(traverse.flatten_dict(got)[("encoder_att_depth_0", "conv0", "conv",
-                                            "kernel")][1])
-
-  history = []
-  state, sharded = step_lib.replicate(state, mesh), step_lib.shard_batch(_batch(), mesh)
-  for _ in range(4):
-    state, metrics = trainer.step(state, sharded)
-    history.append(jax.device_get(metrics))
-  losses = [float(m["loss"]) for m in history]
-  assert losses[-1] < losses[0], losses
+  own_mask = traverse.flatten_dict(got)[("encoder_att_depth_0", "conv0", "conv", "kernel")]
+  assert np.any(own_mask[1])                    # depth's own mask: a gradient
   for task in tasks:
     for side in ("encoder", "decoder"):
-      means = history[0][f"relations/segnet_mtan/{task}/{side}"]
+      means = np.asarray(relations[f"segnet_mtan/{task}/{side}"])
       assert means.shape == (5,) and np.all((means > 0) & (means < 1))
 
 

@@ -1,0 +1,85 @@
+"""The SegNet-MTAN protocol config from the command line, on a NYUv2 folder of random arrays:
+a few training steps with a checkpoint, and a resume that ends with the same bits."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = "experiments/configs/nyuv2_segnet_mtan.py"
+
+
+def _random_nyuv2(root, size):
+  spec = importlib.util.spec_from_file_location(
+      "make_libmtl_segnet_fixture", ROOT / "tests" / "fixtures" / "make_libmtl_segnet_fixture.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  module.random_nyuv2(str(root), images=4, size=size)
+
+
+def _mtjax(*args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  return subprocess.run([sys.executable, "-m", "mtjax.cli", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+
+
+def test_protocol_trains_from_the_command_line_and_resumes(tmp_path):
+  data = tmp_path / "nyuv2"
+  _random_nyuv2(data, (64, 64))
+  # The protocol's config as it is (augmentation, Adam, the step schedule), at a tiny width and
+  # size: 4 steps of batch 2 (two epochs of the 4 training images), the rate halved at step 2.
+  args = [f"--config.dataset.data_dir={data}", "--config.dataset.image_size=(64, 64)",
+          "--config.model.width=1", "--config.num_steps=4", "--config.log_every=1",
+          "--config.eval_every=0", "--config.checkpoint_every=2",
+          "--config.optimizer.step_size=2", "--config.prediction_images=0",
+          "--config.dataset.num_workers=0", "--progress_bar=false"]
+  full, cut = tmp_path / "full", tmp_path / "cut"
+  for workdir in (full, cut):
+    run = _mtjax("train", "--config", CONFIG, "--workdir", str(workdir), *args)
+    assert run.returncode == 0, run.stderr[-3000:]
+  assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["2", "4"]
+  with open(full / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+  shutil.rmtree(cut / "checkpoints" / "4")      # stopped after its step-2 checkpoint
+  os.remove(cut / "results.json")
+  resumed = _mtjax("train", "--config", CONFIG, "--workdir", str(cut), *args)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  with open(full / "results.json") as f, open(cut / "results.json") as g:
+    want, got = json.load(f), json.load(g)
+  assert got["step"] == want["step"] == 4
+  assert got["test"] == want["test"]            # the same bits after the resume
+  assert set(got["test"]["metrics"]) == {"segmentation", "depth", "normals"}
+
+
+def _config(name):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / "configs" /
+                                                f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("pcgrad")
+
+
+def test_protocol_configs_hold_the_reference_values():
+  """The settings of the protocol tables (docs/protocols.md, "SegNet-MTAN")."""
+  from mtjax import config as config_lib
+
+  for name, size, tasks, batch, images in (
+      ("nyuv2_segnet_mtan", (288, 384), ("segmentation", "depth", "normals"), 2, 795),
+      ("cityscapes_segnet_mtan", (128, 256), ("segmentation", "depth"), 8, 2975)):
+    cfg = _config(name)
+    config_lib.validate(cfg)
+    epoch = images // batch
+    assert tuple(cfg.dataset.image_size) == size and tuple(cfg.tasks) == tasks
+    assert cfg.model.architecture == "segnet_mtan" and cfg.model.backbone == "segnet"
+    assert cfg.model.width == 64 and cfg.weighting.name == "pcgrad"
+    assert tuple(cfg.dataset.augment) == ("scale_crop", "hflip")
+    assert cfg.batch_size == batch and cfg.num_steps == 200 * epoch
+    assert cfg.eval_every == epoch and cfg.log_every == epoch
+    opt = cfg.optimizer
+    assert (opt.name, opt.learning_rate, opt.weight_decay) == ("adam", 1e-4, 0.0)
+    assert (opt.schedule, opt.step_size, opt.gamma) == ("step", 100 * epoch, 0.5)
