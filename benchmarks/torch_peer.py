@@ -114,12 +114,14 @@ class ResNet(nn.Module):
     blocks, dilation, in_ch = [], 1, width
     for i, num_blocks in enumerate(stages):
       for j in range(num_blocks):
-        s = 2 if i > 0 and j == 0 else 1
+        s, block_dilation = (2 if i > 0 and j == 0 else 1), dilation
         if s == 2 and stride >= output_stride:
           s, dilation = 1, dilation * 2
+          # the ImageNet stem is torchvision's: a dilated stage's first block keeps the previous
+          block_dilation = block_dilation if stem == "imagenet" else dilation
         elif s == 2:
           stride *= 2
-        block = Block(kind, in_ch, width * 2**i, s, dilation)
+        block = Block(kind, in_ch, width * 2**i, s, block_dilation)
         blocks.append(block)
         in_ch = block.out_channels
     self.blocks = nn.ModuleList(blocks)

@@ -1,5 +1,6 @@
 """The SegNet-MTAN protocol config from the command line, on a NYUv2 folder of random arrays:
-a few training steps with a checkpoint, and a resume that ends with the same bits."""
+a few training steps with a checkpoint, and a resume that ends with the same bits; ``mtjax
+eval`` of a model saved by LibMTL reports LibMTL's metrics."""
 
 import importlib.util
 import json
@@ -98,3 +99,33 @@ def test_protocol_configs_hold_the_reference_values():
     opt = cfg.optimizer
     assert (opt.name, opt.learning_rate, opt.weight_decay) == ("adam", 1e-4, 0.0)
     assert (opt.schedule, opt.step_size, opt.gamma) == ("step", 100 * epoch, 0.5)
+
+
+def test_eval_of_a_libmtl_model_reports_libmtl_metrics(tmp_path):
+  """``mtjax eval --config.model.pretrained=<LibMTL state dict>`` with no checkpoint in the
+  workdir, on a NYUv2 folder of random arrays: the metrics LibMTL's examples/nyu/utils.py
+  computed for the same weights and images (tests/fixtures/make_libmtl_segnet_fixture.py),
+  within mIoU and pixel accuracy 2e-3, depth errors 0.5 %, angles 0.05°."""
+  fixture = dict(np.load(ROOT / "tests" / "fixtures" / "libmtl_segnet_tiny.npz"))
+  data = tmp_path / "nyuv2"
+  _random_nyuv2(data, (288, 384))
+  run = _mtjax("eval", "--config", CONFIG, "--workdir", str(tmp_path / "eval"),
+               f"--config.model.pretrained={ROOT / 'tests' / 'fixtures'}/"
+               "libmtl_segnet_tiny.safetensors",
+               f"--config.model.width={int(fixture['width'])}",
+               f"--config.dataset.data_dir={data}",
+               f"--config.eval_batch_size={int(fixture['test_bs'])}",
+               "--config.prediction_images=0", "--config.dataset.num_workers=0",
+               "--progress_bar=false")
+  assert run.returncode == 0, run.stderr[-3000:]
+  with open(tmp_path / "eval" / "results.json") as f:
+    got = json.load(f)["validation"]["metrics"]
+  seg, depth, normal = (fixture[f"metric_{n}"] for n in ("segmentation", "depth", "normal"))
+  assert abs(got["segmentation"]["miou"] - seg[0]) < 2e-3
+  assert abs(got["segmentation"]["pixel_acc"] - seg[1]) < 2e-3
+  np.testing.assert_allclose(got["depth"]["abs_err"], depth[0], rtol=5e-3)
+  np.testing.assert_allclose(got["depth"]["rel_err"], depth[1], rtol=5e-3)
+  assert abs(got["normals"]["mean_angle"] - normal[0]) < 0.05
+  assert abs(got["normals"]["median_angle"] - normal[1]) < 0.05
+  for value, threshold in zip(normal[2:], ("11_25", "22_5", "30"), strict=True):
+    assert abs(got["normals"][f"within_{threshold}"] - 100 * value) < 0.05

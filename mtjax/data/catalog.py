@@ -99,15 +99,25 @@ MAX_BOXES = 64
 
 
 def voc_example(record: dict, image_size, max_boxes: int = MAX_BOXES) -> dict:
-  """A TFDS ``voc`` record -> ``image``, ``boxes`` (K, 4) and ``box_classes`` (K,) int32."""
-  bbox = np.asarray(record["objects"]["bbox"], np.float32).reshape(-1, 4)
-  label = np.asarray(record["objects"]["label"], np.int64).reshape(-1)
-  n = min(len(bbox), len(label), max_boxes)
+  """A TFDS ``voc`` record -> ``image``, ``boxes`` (K, 4), ``box_classes`` (K,) int32 and
+  ``box_ignore`` (K,) int32 (1: the object is ``difficult``, which VOC's evaluation ignores).
+
+  More than ``max_boxes`` objects raise a ValueError naming the count (no object is dropped).
+  """
+  objects = record["objects"]
+  bbox = np.asarray(objects["bbox"], np.float32).reshape(-1, 4)
+  label = np.asarray(objects["label"], np.int64).reshape(-1)
+  difficult = np.asarray(objects.get("is_difficult", np.zeros(len(label))), bool).reshape(-1)
+  n = min(len(bbox), len(label), len(difficult))   # equal in VOC (TFDS's mock data: not)
+  if n > max_boxes:
+    raise ValueError(f"voc: an image has {n} objects, more than max_boxes={max_boxes} rows "
+                     f"(mtjax.data.catalog.MAX_BOXES, the detection task's max_boxes)")
   boxes = np.zeros((max_boxes, 4), np.float32)
   classes = np.zeros((max_boxes,), np.int32)
-  boxes[:n], classes[:n] = bbox[:n], label[:n] + 1
+  ignore = np.zeros((max_boxes,), np.int32)
+  boxes[:n], classes[:n], ignore[:n] = bbox[:n], label[:n] + 1, difficult[:n]
   return {"image": _resize_image(record["image"], image_size), "boxes": boxes,
-          "box_classes": classes}
+          "box_classes": classes, "box_ignore": ignore}
 
 
 def voc_source(split: str, image_size, data_dir=None) -> sources.Source:

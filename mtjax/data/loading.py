@@ -108,7 +108,7 @@ DATASETS = {
         class_names=sources.CITYSCAPES_CLASSES,
         tasks={"segmentation": {"num_classes": 19}, "depth": {},
                "detection": {"num_classes": len(sources.CITYSCAPES_THING_IDS),
-                             "max_boxes": sources.MAX_BOXES}},
+                             "max_boxes": sources.MAX_BOXES, "ignore_regions": True}},
         splits=_SPLITS, image_sizes=((1024, 2048), (512, 1024), (256, 512), (128, 256)),
         layout=sources.OFFICIAL_LAYOUT),
     # TFDS catalog datasets, prepared as ArrayRecord (mtjax.data.catalog).
@@ -129,7 +129,8 @@ DATASETS = {
             split, image_size, data_dir),
         class_names=catalog.VOC_CLASSES,
         tasks={"detection": {"num_classes": len(catalog.VOC_CLASSES),
-                             "max_boxes": catalog.MAX_BOXES}},
+                             "max_boxes": catalog.MAX_BOXES, "ignore_regions": True,
+                             "evaluation": "voc"}},
         splits=_SPLITS, image_sizes=((384, 384),), tfds=True,
         layout="<data_dir>/voc/2012/<version>/*.array_record-* (tfds build voc/2012)"),
 }

@@ -191,21 +191,32 @@ def disparity_to_depth(stored: np.ndarray, baseline: float, fx: float):
 
 
 def instance_boxes(instance_ids: np.ndarray, max_boxes: int = MAX_BOXES):
-  """Instance id image (label id * 1000 + k) -> boxes (K, 4) in [0, 1] and train-id + 1 classes.
+  """Instance id image -> boxes (K, 4) in [0, 1], train-id + 1 classes and ignore flags (K,).
 
-  One box per instance of a "thing" class, the extent of its pixels, in instance-id order;
-  zero rows after (class 0 = padding).
+  One box per instance of a "thing" class (id ``label id * 1000 + k``), the extent of its
+  pixels, in instance-id order; then one *ignore* box (flag 1) per thing class with group
+  pixels (id = the label id alone: a crowd the annotators did not separate, which Cityscapes'
+  instance evaluation ignores), the extent of that class's group pixels; zero rows after
+  (class 0 = padding). More than ``max_boxes`` boxes raise a ValueError naming the count.
   """
   height, width = instance_ids.shape
+  present = np.unique(instance_ids)
+  ids = [int(i) for i in present if i >= 1000 and i // 1000 in CITYSCAPES_THING_IDS]
+  groups = [int(i) for i in present if i in CITYSCAPES_THING_IDS]
+  if len(ids) + len(groups) > max_boxes:
+    raise ValueError(f"cityscapes: an image has {len(ids)} thing instances and {len(groups)} "
+                     f"group regions, more than max_boxes={max_boxes} rows "
+                     f"(mtjax.data.sources.MAX_BOXES, the detection task's max_boxes)")
   boxes = np.zeros((max_boxes, 4), np.float32)
   classes = np.zeros((max_boxes,), np.int32)
-  ids = [i for i in np.unique(instance_ids) if i >= 1000 and i // 1000 in CITYSCAPES_THING_IDS]
-  for row, inst in enumerate(ids[:max_boxes]):
+  ignore = np.zeros((max_boxes,), np.int32)
+  for row, inst in enumerate(ids + groups):
     rows, cols = np.nonzero(instance_ids == inst)
     boxes[row] = (rows.min() / height, cols.min() / width, (rows.max() + 1) / height,
                   (cols.max() + 1) / width)
-    classes[row] = CITYSCAPES_TRAIN_IDS[int(inst) // 1000] + 1
-  return boxes, classes
+    classes[row] = CITYSCAPES_TRAIN_IDS[inst // 1000 if inst >= 1000 else inst] + 1
+    ignore[row] = int(inst < 1000)
+  return boxes, classes, ignore
 
 
 def _read_png(path):
@@ -257,14 +268,15 @@ def cityscapes_official_source(root: str, split: str, *, image_size=None) -> Sou
     depth, valid = disparity_to_depth(_read_png(sibling(path, "disparity", "_disparity.png")),
                                       camera["extrinsic"]["baseline"],
                                       camera["intrinsic"]["fx"])
-    boxes, box_classes = instance_boxes(instances)
+    boxes, box_classes, box_ignore = instance_boxes(instances)
     if image_size is not None:
       image = _resize(image, image_size, nearest=False)
       labels = _resize(labels.astype(np.uint8), image_size, nearest=True).astype(np.int32)
       depth = _resize(depth, image_size, nearest=True)
       valid = depth > 0
     return {"image": image.astype(np.float32) / np.float32(255.0), "segmentation": labels,
-            "depth": depth, "depth_valid": valid, "boxes": boxes, "box_classes": box_classes}
+            "depth": depth, "depth_valid": valid, "boxes": boxes, "box_classes": box_classes,
+            "box_ignore": box_ignore}
 
   return Source(len(images), read)
 

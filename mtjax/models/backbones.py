@@ -1,9 +1,13 @@
 """ResNet backbones (He et al., 2016) for dense prediction, in Flax Linen.
 
 Output stride 8 or 16 replaces the strides of the last stages by dilation (Chen et al., 2017,
-DeepLab), as dense multi-task models do. The stem is the ImageNet one (7×7/2 conv and 3×3/2 max
-pool, stride 4) or, for small images, a single 3×3 conv of stride 2 (``"small"``) or 1
-(``"cifar"``).
+DeepLab), as dense multi-task models do. With the ImageNet stem the trunk is torchvision's ResNet
+exactly, dilation included: ``replace_stride_with_dilation`` (torchvision's ``_make_layer``) and
+LibMTL's ``resnet_dilated`` (``_nostride_dilate``) give the first block of a dilated stage the
+*previous* dilation and its other blocks the new one. The small-image stems keep mtjax's own
+rule, every block of a dilated stage at the new dilation (the default experiment's model).
+The stem is the ImageNet one (7×7/2 conv and 3×3/2 max pool, stride 4) or, for small images, a
+single 3×3 conv of stride 2 (``"small"``) or 1 (``"cifar"``).
 """
 
 import functools
@@ -72,7 +76,8 @@ class Plan(NamedTuple):
 
   ``stages[i - 1]`` holds stage ``i``'s blocks as ``(filters, strides, dilation)``: the strides
   of the first block of stages 2..N, turned into dilation once the stride reaches
-  ``output_stride`` (:func:`plan_of`).
+  ``output_stride`` (:func:`plan_of`; the first block of such a stage keeps the previous
+  dilation with the ImageNet stem, as torchvision does).
   """
 
   stem: str
@@ -85,16 +90,19 @@ class Plan(NamedTuple):
 def plan_of(resnet: "ResNet") -> Plan:
   """The :class:`Plan` of ``resnet``: the one place its strides and dilations are worked out."""
   stride = {"imagenet": 4, "small": 2}.get(resnet.stem, 1)
+  # torchvision's _make_layer(dilate=True): the first block gets `previous_dilation`.
+  keep_previous = resnet.stem == "imagenet"
   dilation, stages = 1, []
   for i, num_blocks in enumerate(resnet.stage_sizes):
     blocks = []
     for j in range(num_blocks):
-      strides = 2 if i > 0 and j == 0 else 1
+      strides, block_dilation = (2 if i > 0 and j == 0 else 1), dilation
       if strides == 2 and stride >= resnet.output_stride:
         strides, dilation = 1, dilation * 2
+        block_dilation = block_dilation if keep_previous else dilation
       elif strides == 2:
         stride *= 2
-      blocks.append((resnet.width * 2**i, strides, dilation))
+      blocks.append((resnet.width * 2**i, strides, block_dilation))
     stages.append(tuple(blocks))
   return Plan(resnet.stem, resnet.width, resnet.block, tuple(stages), resnet.dtype)
 

@@ -22,7 +22,25 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mtjax.models import backbones
+from mtjax.models import heads as heads_lib
 from mtjax.models.labels import SHARED
+
+# torchvision's ImageNet statistics of RGB images in [0, 1] (torchvision.transforms.Normalize
+# in its reference training scripts): what its pretrained weights expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INPUT_NORMS = ("none", "imagenet")
+
+
+def normalize(images, input_norm: str):
+  """``images`` as the backbone sees them: unchanged (``"none"``: LibMTL's NYUv2/Cityscapes
+  examples feed the stored [0, 1] images as they are), or ``(x - mean) / std`` with torchvision's
+  ImageNet statistics (``"imagenet"``)."""
+  if input_norm == "none":
+    return images
+  mean = jnp.asarray(IMAGENET_MEAN, images.dtype)
+  std = jnp.asarray(IMAGENET_STD, images.dtype)
+  return (images - mean) / std
 
 _HEAD_PREFIX = "heads_"
 
@@ -52,6 +70,7 @@ class MultiTaskModel(nn.Module):
 
   backbone: nn.Module
   heads: Mapping[str, nn.Module]
+  input_norm: str = "none"  # see normalize(): applied once, first thing in encode
 
   def feature_stages(self) -> int:
     """How many of the deepest backbone stages ``encode`` returns (1: one array)."""
@@ -60,7 +79,7 @@ class MultiTaskModel(nn.Module):
   def encode(self, images, train: bool = False):
     """Shared features of ``images`` (B, H, W, 3): the backbone's last stage, or a dict of its
     deepest stages when a head reads several."""
-    stages = self.backbone(images, train)
+    stages = self.backbone(normalize(images, self.input_norm), train)
     count = self.feature_stages()
     return backbones.last_stage(stages) if count == 1 else backbones.deepest_stages(stages, count)
 
@@ -105,16 +124,38 @@ def backbone_and_heads(backbone: str, tasks: Mapping, *, width: int, output_stri
   return trunk, heads, compute_dtype
 
 
+def deeplab_heads(task_heads: Mapping, *, hidden: int, dtype) -> dict:
+  """A :class:`mtjax.models.heads.DeepLabHead` (``hidden`` channels) in place of each task's
+  dense head, with that head's output channels; raises ValueError naming ``model.head`` for a
+  task whose head is not dense (classification, detection)."""
+  out = {}
+  for name, head in task_heads.items():
+    if not isinstance(head, heads_lib.DenseHead):
+      raise ValueError(f"model.head: 'deeplab' replaces dense per-pixel heads; task {name!r} "
+                       f"has a {type(head).__name__}")
+    out[name] = heads_lib.DeepLabHead(head.out_channels, hidden=hidden, dtype=dtype)
+  return out
+
+
 def build(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int = 32,
           stem: str = "imagenet", head_hidden: int = 64, dtype: str = "float32",
-          frozen_bn: bool = False) -> MultiTaskModel:
+          frozen_bn: bool = False, head: str = "task", input_norm: str = "none") -> MultiTaskModel:
   """A hard-sharing model: backbone ``backbone`` and each task's own head (``task.head``).
 
   ``frozen_bn``: the backbone's BatchNorm uses its running statistics in training too, and its
   parameters are the ``shared/bn`` group (frozen by the loop; a pretrained backbone).
+  ``head``: ``"task"`` (each task's own head) or ``"deeplab"`` (DeepLabV3's ASPP head of
+  ``head_hidden`` channels for every dense task, LibMTL's NYUv2/Cityscapes model).
+  ``input_norm``: ``"none"`` or ``"imagenet"`` (:func:`normalize`, inside the model).
   Parameters: ``P_backbone + Σ_t P_head_t``.
   """
-  trunk, heads, _ = backbone_and_heads(backbone, tasks, width=width, output_stride=output_stride,
-                                       stem=stem, head_hidden=head_hidden, dtype=dtype,
-                                       frozen_bn=frozen_bn)
-  return MultiTaskModel(trunk, heads)
+  if head not in heads_lib.HEADS:
+    raise ValueError(f"model.head: expected one of {heads_lib.HEADS}, got {head!r}")
+  if input_norm not in INPUT_NORMS:
+    raise ValueError(f"model.input_norm: expected one of {INPUT_NORMS}, got {input_norm!r}")
+  trunk, heads, compute_dtype = backbone_and_heads(
+      backbone, tasks, width=width, output_stride=output_stride, stem=stem,
+      head_hidden=head_hidden, dtype=dtype, frozen_bn=frozen_bn)
+  if head == "deeplab":
+    heads = deeplab_heads(heads, hidden=head_hidden, dtype=compute_dtype)
+  return MultiTaskModel(trunk, heads, input_norm)

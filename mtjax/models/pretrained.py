@@ -1,4 +1,5 @@
-"""Pretrained ResNet weights from torchvision state dicts (``.pth``) or ``.safetensors`` files.
+"""Pretrained weights: torchvision ResNets and whole LibMTL models, from torch state dicts
+(``.pth``/``.pt``) or ``.safetensors`` files.
 
 ``config.model.pretrained = PATH`` replaces the backbone's parameters and BatchNorm statistics
 of a fresh run by the file's (nothing is downloaded). torchvision's names map onto
@@ -15,6 +16,10 @@ with ``n`` the block's index over all stages and ``K`` its number of main convol
 ``fc.*`` (the ImageNet classifier) and ``num_batches_tracked`` are not used. Any tensor the
 backbone needs that is missing or has another shape, and any other tensor of the file, is
 listed in the error.
+
+A whole model trained by LibMTL (``encoder.*``, ``decoders.<task>.*``) replaces every parameter
+and statistic of the model: :func:`load` dispatches it to the importer of the architecture
+(:data:`LIBMTL_IMPORTERS`).
 """
 
 import itertools
@@ -22,6 +27,8 @@ import os
 
 import flax.traverse_util as traverse
 import numpy as np
+
+from mtjax.models import segnet
 
 FORMATS = (".pth", ".pt", ".safetensors")
 _IGNORED = ("fc.",)
@@ -78,16 +85,17 @@ def _torch_name(path, stage_sizes, block: str) -> str:
                        "mean": "running_mean", "var": "running_var"}[leaf]
 
 
-def convert(tensors, params, batch_stats, stage_sizes, block: str):
-  """``(params, batch_stats)`` of a ResNet (its own trees) filled from torchvision ``tensors``.
-
-  Raises ValueError listing the missing, mismatched and unexpected tensors.
-  """
+def fill(tensors, variables: dict, name_of, ignored=()) -> dict:
+  """``variables`` (``{"params": ..., "batch_stats": ...}``, arrays or shapes) with every leaf
+  taken from ``tensors``: ``name_of(collection, path)`` is the torch name of the leaf at
+  ``path``. 4-D kernels go from OIHW to HWIO. Raises ValueError listing, in one line, the
+  missing, mismatched and unexpected tensors (``num_batches_tracked`` and names starting with
+  one of ``ignored`` are not expected to be used)."""
   used, missing, mismatched, out = set(), [], [], {}
-  for kind, tree in (("params", params), ("batch_stats", batch_stats)):
+  for kind, tree in variables.items():
     flat = {}
     for path, leaf in traverse.flatten_dict(dict(tree)).items():
-      name = _torch_name(path, stage_sizes, block)
+      name = name_of(kind, path)
       if name not in tensors:
         missing.append(f"{name} (for {'/'.join(path)})")
         continue
@@ -95,32 +103,141 @@ def convert(tensors, params, batch_stats, stage_sizes, block: str):
       if value.ndim == 4:
         value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
       used.add(name)
-      if value.shape != leaf.shape:
+      if value.shape != tuple(leaf.shape):
         mismatched.append(f"{name}: file {tuple(value.shape)}, model {tuple(leaf.shape)}")
         continue
       flat[path] = value.astype(leaf.dtype)
     out[kind] = traverse.unflatten_dict(flat) if flat else {}
-  unexpected = sorted(k for k in tensors if k not in used and not k.startswith(_IGNORED)
+  unexpected = sorted(k for k in tensors if k not in used and not k.startswith(tuple(ignored))
                       and not k.endswith("num_batches_tracked"))
   if missing or mismatched or unexpected:
     lines = [f"{title} ({len(items)}): {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}"
              for title, items in (("missing", missing), ("mismatched shapes", mismatched),
                                   ("unexpected", unexpected)) if items]
+    raise ValueError("; ".join(lines))
+  return out
+
+
+def convert(tensors, params, batch_stats, stage_sizes, block: str):
+  """``(params, batch_stats)`` of a ResNet (its own trees) filled from torchvision ``tensors``.
+
+  Raises ValueError listing the missing, mismatched and unexpected tensors.
+  """
+  try:
+    out = fill(tensors, {"params": params, "batch_stats": batch_stats},
+               lambda _, path: _torch_name(path, stage_sizes, block), _IGNORED)
+  except ValueError as e:
     raise ValueError("model.pretrained: the file does not match the backbone (check "
-                     "config.model.backbone, width, stem): " + "; ".join(lines))
+                     f"config.model.backbone, width, stem): {e}") from None
   return out["params"], out["batch_stats"]
 
 
-def load_backbone(model, params, batch_stats, path: str):
+def load_backbone(model, params, batch_stats, path: str, tensors=None):
   """``params``/``batch_stats`` of a model with a ``backbone`` ResNet, that backbone's taken
-  from the file ``path``."""
+  from the file ``path`` (``tensors``: its contents, if already read)."""
   backbone = getattr(model, "backbone", None)
   if backbone is None or "backbone" not in params:
     raise ValueError(f"model.pretrained: {type(model).__name__} has no 'backbone' to load into")
   if getattr(backbone, "stem", "imagenet") != "imagenet":
     raise ValueError(f"model.pretrained: torchvision ResNets have the 'imagenet' stem; "
                      f"config.model.stem is {backbone.stem!r}")
-  new_params, new_stats = convert(read(path), params["backbone"],
+  tensors = read(path) if tensors is None else tensors
+  new_params, new_stats = convert(tensors, params["backbone"],
                                   batch_stats.get("backbone", {}), backbone.stage_sizes,
                                   backbone.block)
   return ({**params, "backbone": new_params}, {**batch_stats, "backbone": new_stats})
+
+
+# --- Whole models trained by LibMTL (Lin & Zhang, 2023): ``torch.save(model.state_dict())`` of
+# its ``Trainer.model`` (LibMTL/trainer.py), keys ``encoder.*`` (the shared encoder) and
+# ``decoders.<task>.*`` (one decoder per task). LibMTL's task names are the examples'
+# (``examples/nyu/main.py``: segmentation, depth, normal).
+LIBMTL_TASKS = {"normals": "normal"}
+# Top-level parameters of LibMTL's weighting methods (UW, GradNorm, IMTL: ``loss_scale``): the
+# method's state, not the model's.
+LIBMTL_IGNORED = ("loss_scale",)
+
+# examples/nyu/aspp.py's DeepLabHead (an nn.Sequential: ASPP, conv, BN, ReLU, conv) and
+# mtjax.models.heads.DeepLabHead's submodules.
+_DEEPLAB = {"branch0_conv": "0.convs.0.0", "branch0_bn": "0.convs.0.1",
+            "branch1_conv": "0.convs.1.0", "branch1_bn": "0.convs.1.1",
+            "branch2_conv": "0.convs.2.0", "branch2_bn": "0.convs.2.1",
+            "branch3_conv": "0.convs.3.0", "branch3_bn": "0.convs.3.1",
+            "pool_conv": "0.convs.4.1", "pool_bn": "0.convs.4.2",
+            "project_conv": "0.project.0", "project_bn": "0.project.1",
+            "conv": "1", "bn": "2", "classifier": "4"}
+_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+           "var": "running_var"}
+
+
+def libmtl_task(task: str) -> str:
+  """LibMTL's name of mtjax's task ``task``."""
+  return LIBMTL_TASKS.get(task, task)
+
+
+def resnet_stages(backbone_params) -> tuple:
+  """The stage sizes of a ResNet's parameter tree (``Conv_0``, ``BatchNorm_0``,
+  ``<Block>_<k>``): a stage starts at block 0 and at each block with a projection shortcut
+  (the first block of stages 2..N changes the width; so does a bottleneck's first)."""
+  blocks = sorted((n for n in backbone_params if "Block_" in n),
+                  key=lambda n: int(n.rsplit("_", 1)[1]))
+  convs = 2 if blocks and blocks[0].startswith("Basic") else 3
+  sizes = []
+  for k, name in enumerate(blocks):
+    if k == 0 or f"Conv_{convs}" in backbone_params[name]:
+      sizes.append(0)
+    sizes[-1] += 1
+  return tuple(sizes), ("basic" if convs == 2 else "bottleneck")
+
+
+def import_libmtl_hard(tensors, variables: dict) -> dict:
+  """A hard-sharing model (:class:`mtjax.models.MultiTaskModel`, ``model.head = "deeplab"``)
+  from LibMTL's HPS model of ``examples/{nyu,cityscapes}/main.py``: ``encoder.*`` is
+  ``resnet_dilated`` (torchvision's names, no ``fc``), ``decoders.<task>.*`` each a
+  ``DeepLabHead`` (``examples/nyu/aspp.py``)."""
+  stages, block = resnet_stages(variables["params"]["backbone"])
+
+  def name_of(_, path):
+    module, *rest = path
+    if module == "backbone":
+      return "encoder." + _torch_name(rest, stages, block)
+    task = module[len("heads_"):]
+    if module.startswith("heads_") and len(rest) == 2 and rest[0] in _DEEPLAB:
+      return f"decoders.{libmtl_task(task)}.{_DEEPLAB[rest[0]]}.{_LEAVES[rest[1]]}"
+    return f"<no LibMTL name for {'/'.join(path)}>"
+
+  return fill(tensors, variables, name_of, LIBMTL_IGNORED)
+
+
+# Architecture -> importer of a whole LibMTL model: ``fn(tensors, variables) -> variables``,
+# ``tensors`` the file's ``{name: array}``, ``variables`` ``{"params", "batch_stats"}`` of the
+# fresh model (its structure); raises ValueError listing missing/mismatched/unexpected tensors.
+LIBMTL_IMPORTERS = {
+    "hard": import_libmtl_hard,
+    "segnet_mtan": segnet.libmtl_variables,   # examples/nyu/segnet_mtan.py
+}
+
+
+def is_libmtl(tensors) -> bool:
+  """Whether a state dict is a whole LibMTL model (``encoder.*``, ``decoders.*``)."""
+  return any(k.startswith("encoder.") for k in tensors) and any(
+      k.startswith("decoders.") for k in tensors)
+
+
+def load(model, params, batch_stats, path: str, architecture: str = "hard"):
+  """``(params, batch_stats)`` with the weights of the file ``path``: a whole LibMTL model
+  (:data:`LIBMTL_IMPORTERS` of ``architecture``) or a torchvision ResNet (the backbone only,
+  :func:`load_backbone`)."""
+  tensors = read(path)
+  if not is_libmtl(tensors):
+    return load_backbone(model, params, batch_stats, path, tensors)
+  if architecture not in LIBMTL_IMPORTERS:
+    raise ValueError(f"model.pretrained: {path!r} is a whole LibMTL model; architectures that "
+                     f"import one: {sorted(LIBMTL_IMPORTERS)}, not {architecture!r}")
+  try:
+    out = LIBMTL_IMPORTERS[architecture](tensors, {"params": params,
+                                                   "batch_stats": batch_stats})
+  except ValueError as e:
+    raise ValueError(f"model.pretrained: {path!r} does not match the model (check "
+                     f"config.model and config.tasks): {e}") from None
+  return out["params"], out["batch_stats"]

@@ -81,17 +81,26 @@ def nms(boxes, scores, classes, valid, iou_threshold: float):
   """Class-aware greedy non-maximum suppression of one image, jittable: a keep mask ``(K,)``.
 
   Boxes are visited by decreasing score; a box is kept if it is valid and no kept box of the
-  same class overlaps it with IoU > ``iou_threshold``. Fixed shapes (``K`` candidates, invalid
-  ones never kept), one ``lax.fori_loop`` over the sorted candidates; batch it with ``vmap``.
+  same class overlaps it with IoU > ``iou_threshold`` (torchvision's ``batched_nms``; FCOS's
+  ``boxlist_ml_nms``). Each kept box suppresses the later boxes it overlaps: a
+  ``lax.while_loop`` over the sorted valid candidates, O(K) memory (no K × K matrix); batch it
+  with ``vmap``.
   """
   num = scores.shape[0]
   order = jnp.argsort(-jnp.where(valid, scores, -jnp.inf))
   b, c, v = boxes[order], classes[order], valid[order]
-  earlier = jnp.arange(num)[:, None] < jnp.arange(num)[None, :]        # [j, i]: j before i
-  suppresses = (pairwise_iou(b, b) > iou_threshold) & (c[:, None] == c[None, :]) & earlier
+  later = jnp.arange(num)
 
-  def visit(i, keep):
-    return keep.at[i].set(v[i] & ~jnp.any(keep & suppresses[:, i]))
+  def visit(carry):
+    i, keep, suppressed = carry
+    kept = v[i] & ~suppressed[i]
+    overlaps = (iou(b[i], b) > iou_threshold) & (c == c[i]) & (later > i)
+    return i + 1, keep.at[i].set(kept), suppressed | (kept & overlaps)
 
-  keep_sorted = jax.lax.fori_loop(0, num, visit, jnp.zeros((num,), bool))
+  def more(carry):
+    i = carry[0]
+    return (i < num) & v[jnp.minimum(i, num - 1)]
+
+  init = (jnp.zeros((), jnp.int32), jnp.zeros((num,), bool), jnp.zeros((num,), bool))
+  _, keep_sorted, _ = jax.lax.while_loop(more, visit, init)
   return jnp.zeros((num,), bool).at[order].set(keep_sorted)

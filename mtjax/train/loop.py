@@ -64,6 +64,9 @@ def build(cfg) -> Experiment:
   if cfg.model.get("pretrained", ""):
     with _building():
       pretrained.check_path(cfg.model.pretrained)
+      shapes = _shapes(model, cfg)  # the file against the model, before anything compiles
+      pretrained.load(model, shapes["params"], shapes.get("batch_stats", {}),
+                      cfg.model.pretrained, cfg.model.get("architecture", "hard"))
   with _building("weighting.name"):
     weighting.hparams(cfg.weighting.name)
   with _building("weighting"):
@@ -104,12 +107,16 @@ def optimizer_config(cfg):
   return opt
 
 
+def _shapes(model, cfg):
+  """The variables of ``model`` as shapes (nothing is computed)."""
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                           jnp.zeros((1, *cfg.dataset.image_size, 3)),
+                                           train=False))
+
+
 def _groups(model, cfg) -> list[str]:
   """The parameter groups of ``model`` (shapes only: nothing is computed)."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                             jnp.zeros((1, *cfg.dataset.image_size, 3)),
-                                             train=False))
-  return labels.groups(model, shapes["params"])
+  return labels.groups(model, _shapes(model, cfg)["params"])
 
 
 def make_trainer(cfg, exp: Experiment, mesh, relation_args: dict | None = None):
@@ -170,6 +177,10 @@ def load_data(cfg, split: str, label_keys, entry: dict | None = None):
   data_dir = entry["data_dir"] or None
   size = tuple(cfg.dataset.image_size)
   try:
+    if jax.process_count() > 1:   # process 0 first: one builder for a shared data dir
+      _after_process_zero(lambda: data.open_split(name, split, image_size=size,
+                                                  data_dir=data_dir,
+                                                  split_sizes=entry["split_sizes"]))
     if data.DATASETS[name].in_memory:
       arrays = data.load_split(name, split, image_size=size, data_dir=data_dir,
                                split_sizes=entry["split_sizes"])
@@ -311,8 +322,9 @@ def initial_state(cfg, trainer, workdir: str, step: int | None, model=None):
   state = trainer.init(jax.random.PRNGKey(cfg.seed))
   if step is None and cfg.model.get("pretrained", ""):
     with _building():
-      params, stats = pretrained.load_backbone(model, state.params, state.batch_stats,
-                                               cfg.model.pretrained)
+      params, stats = pretrained.load(model, state.params, state.batch_stats,
+                                      cfg.model.pretrained,
+                                      cfg.model.get("architecture", "hard"))
     state = state._replace(params=params, batch_stats=stats)
   if step is not None:
     state, _, _ = checkpoint.restore_newest(os.path.join(workdir, "checkpoints"), state,
@@ -375,6 +387,23 @@ def evaluate_split(evaluate, state, arrays, tasks, batch_size, mesh) -> dict:
   for name, evaluator in hosted.items():
     results[name].update(evaluator.result(host_states[name]))
   return results
+
+
+def _after_process_zero(prepare) -> None:
+  """Runs ``prepare()`` on process 0, then (after a barrier) on the other processes: hosts
+  that share a data dir build a dataset once, instead of racing to rename the same folder."""
+  from jax.experimental import multihost_utils
+  error = None
+  if _primary():
+    try:
+      prepare()
+    except Exception as e:  # noqa: BLE001 -- raised after the barrier, which the others wait at
+      error = e
+  multihost_utils.sync_global_devices("mtjax: dataset prepared by process 0")
+  if error is not None:
+    raise error
+  if not _primary():
+    prepare()
 
 
 def _primary() -> bool:
@@ -466,9 +495,9 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
   else:
     train_arrays = load_data(cfg, "train", exp.label_keys)
     val_arrays = load_data(cfg, "validation", exp.label_keys)
-    try:
+    try:  # this process's share of the global batch
       tasks_lib.check_batch(exp.tasks, pipeline.train_batch(train_arrays, step=0, **data_kw),
-                            cfg.dataset.image_size, cfg.batch_size)
+                            cfg.dataset.image_size, cfg.batch_size // jax.process_count())
     except ValueError as e:
       raise UserError(f"dataset {cfg.dataset.name!r}: {e}") from None
   try:
@@ -751,15 +780,20 @@ def _relations_summary(log_path: str, names, conflict_level: str | None = None) 
 
 
 def evaluate(cfg, workdir: str) -> dict:
-  """Restores the newest checkpoint of ``workdir`` and writes the results (``mtjax eval``)."""
+  """Restores the newest checkpoint of ``workdir`` and writes the results (``mtjax eval``);
+  without a checkpoint there, the weights of ``config.model.pretrained`` (e.g. a model trained
+  by LibMTL)."""
   mesh = make_mesh(cfg)
   config_lib.validate(cfg, mesh.size)
   exp = build(cfg)
   trainer = make_trainer(cfg, exp, mesh)
   step = check_workdir(cfg, workdir)
-  if step is None:
-    raise UserError(f"--workdir: {workdir!r} has no checkpoint to evaluate")
-  state = initial_state(cfg, trainer, workdir, step)
+  if step is None and not cfg.model.get("pretrained", ""):
+    raise UserError(f"--workdir: {workdir!r} has no checkpoint to evaluate (nor is "
+                    "config.model.pretrained set)")
+  state = initial_state(cfg, trainer, workdir, step, exp.model)
+  os.makedirs(workdir, exist_ok=True)
+  open(os.path.join(workdir, "metrics.jsonl"), "a").close()  # imported weights: an empty log
   return report(cfg, workdir, exp, trainer, state, mesh)
 
 

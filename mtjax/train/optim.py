@@ -14,16 +14,31 @@ import optax
 from mtjax.models import labels
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "warmup_cosine")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "step")
 
 
 def make_schedule(cfg, num_steps: int):
+  """The learning rate of each step: ``constant``, ``cosine`` (to 0 at ``num_steps``),
+  ``warmup_cosine`` (linear from 0 over ``warmup_steps``, then cosine), or ``step``:
+  ``learning_rate · gamma ** floor(step / step_size)``, ``torch.optim.lr_scheduler.StepLR``.
+  ``step_size`` counts optimizer steps: LibMTL steps its StepLR once an epoch
+  (``LibMTL/trainer.py``, ``self.scheduler.step()`` after each epoch), so its ``step_size``
+  epochs are ``step_size × steps per epoch`` here."""
   if cfg.schedule not in SCHEDULES:
     raise ValueError(f"optimizer.schedule: got {cfg.schedule!r}; expected one of {SCHEDULES}")
   if not cfg.learning_rate > 0:
     raise ValueError(f"optimizer.learning_rate: got {cfg.learning_rate!r}; expected > 0")
   if cfg.schedule == "constant":
     return optax.constant_schedule(cfg.learning_rate)
+  if cfg.schedule == "step":
+    step_size, gamma = cfg.get("step_size", 0), cfg.get("gamma", 0.0)
+    if not isinstance(step_size, int) or isinstance(step_size, bool) or step_size < 1:
+      raise ValueError(f"optimizer.step_size: got {step_size!r}; expected an int >= 1 (optimizer "
+                       "steps between two decays of the 'step' schedule)")
+    if not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+      raise ValueError(f"optimizer.gamma: got {gamma!r}; expected a number in (0, 1] (the "
+                       "'step' schedule's factor)")
+    return optax.exponential_decay(cfg.learning_rate, step_size, gamma, staircase=True)
   if cfg.schedule == "cosine":
     return optax.cosine_decay_schedule(cfg.learning_rate, max(num_steps, 1))
   return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
@@ -38,6 +53,8 @@ def _base(cfg, schedule) -> optax.GradientTransformation:
     if cfg.weight_decay:
       opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay), opt)
   elif cfg.name == "adam":
+    # torch.optim.Adam's weight_decay: added to the gradient before the moments (coupled, L2),
+    # unlike adamw's decoupled decay.
     opt = optax.adam(schedule)
     if cfg.weight_decay:
       opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay), opt)

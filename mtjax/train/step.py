@@ -279,8 +279,9 @@ def sown_relations(*updates) -> dict:
 
 
 def _rngs(key):
-  """The ``rngs`` of ``model.apply``: a ``"gumbel"`` stream for models that draw noise."""
-  return None if key is None else {"gumbel": key}
+  """The ``rngs`` of ``model.apply``: a ``"gumbel"`` stream for models that draw noise, and a
+  ``"dropout"`` stream (``fold_in(key, 1)``) for dropout layers (DeepLab's head)."""
+  return None if key is None else {"gumbel": key, "dropout": jax.random.fold_in(key, 1)}
 
 
 def output_loss(task, out, batch):

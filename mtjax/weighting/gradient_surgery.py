@@ -123,8 +123,8 @@ def gradvac_coefficients(g, targets, orders, beta, ema_on_adjust_only=False):
   ``φ < φ̂_ij``, ``g_i' <- g_i' + w g_j`` with the paper's closed form
   ``w = |g_i'| (φ̂ sqrt(1-φ²) - φ sqrt(1-φ̂²)) / (|g_j| sqrt(1-φ̂²))``, which makes
   ``cos(g_i', g_j) = φ̂`` exactly; then ``φ̂_ij <- (1-β) φ̂_ij + β φ`` (only when ``g_i'`` was
-  adjusted if ``ema_on_adjust_only``, as LibMTL's ``GradVac.py`` does). Returns ``(C, targets)``
-  with ``g_i' = Σ_k C[i, k] g_k``; ``g`` is the Gram matrix.
+  adjusted if ``ema_on_adjust_only``, as LibMTL 1.1.5's ``GradVac.py`` does). Returns
+  ``(C, targets)`` with ``g_i' = Σ_k C[i, k] g_k``; ``g`` is the Gram matrix.
   """
   num_tasks = g.shape[0]
   rows = jnp.arange(num_tasks)
@@ -158,8 +158,9 @@ def gradvac(beta: float = 0.5, ema_on_adjust_only: bool = False) -> Method:
   target ``φ̂_ij`` of the observed similarities (state, initialised at 0, so the first step is
   exactly PCGrad). The rule is applied to the whole pytree at once (LibMTL's ``group_type=0``,
   "whole_model"; its per-layer variants are not implemented). ``beta=0.5`` is LibMTL's default.
-  The paper moves the EMA at every step; LibMTL (and SamsungLabs/MTL) only when the gradient was
-  adjusted, which keeps the targets at or below 0 — set ``ema_on_adjust_only=True`` for that.
+  The paper and LibMTL's current ``GradVac.py`` move the EMA at every step; LibMTL 1.1.5 (and
+  SamsungLabs/MTL) only when the gradient was adjusted, which keeps the targets at or below 0 —
+  set ``ema_on_adjust_only=True`` for that.
   ``weights`` are the per-task totals of the coefficients (``combined == Σ_t weights_t g_t``).
   """
   if not 0.0 <= beta <= 1.0:

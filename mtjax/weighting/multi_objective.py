@@ -153,12 +153,17 @@ def nash_mtl(max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: 
   """Nash-MTL (Navon et al., 2022): ``combined = Σ_t α_t g_t`` with ``α ⊙ (G α) = 1``.
 
   Defaults from the official code AvivNavon/nash-mtl (``max_norm = 1.0``,
-  ``update_weights_every = 1``, ``optim_niter = 20``). The official code solves Eq. 4 by a CCP
-  sequence with cvxpy on ``G / |G|_F``; here ``optim_niter`` damped Newton steps on device
-  (:func:`nash_alpha`), warm-started from the last ``α`` as the official code. ``max_norm > 0``
-  clips ``|Σ α_t g_t|`` to ``max_norm`` as the official ``clip_grad_norm_`` on the shared
-  parameters (folded into the returned weights). Between updates (``update_weights_every > 1``)
-  the last ``α`` is reused. ``ridge``: see :func:`nash_alpha`.
+  ``update_weights_every = 1``, ``optim_niter = 20``). ``α`` solves Eq. 4 on the raw Gram
+  matrix, as the official code (its CCP sequence with cvxpy takes ``Ĝ = G / |G|_F`` and the
+  constraints ``α_t |G|_F (Ĝ α)_t >= 1``), so ``|Σ α_t g_t|² = T``; here
+  ``optim_niter`` damped Newton steps on device (:func:`nash_alpha`) find ``β`` for
+  ``G / |G|_F`` and ``α = β / |G|_F^{1/2}`` (``β`` when ``G`` is 0), warm-started from the last
+  ``α`` as the official code (its direction, scaled to the minimum of ``φ`` along it).
+  ``max_norm > 0`` clips ``|Σ α_t g_t|`` to ``max_norm`` as the official ``clip_grad_norm_`` on
+  the shared parameters (folded into the returned weights; with the exact ``α`` and ``T >= 2``,
+  ``|Σ α_t g_t| = sqrt(T) > 1`` is always clipped at the default ``max_norm = 1``). Between
+  updates (``update_weights_every > 1``) the last ``α`` is reused. ``ridge``: see
+  :func:`nash_alpha`.
   """
   if update_weights_every < 1:
     raise ValueError(f"nash_mtl: update_weights_every={update_weights_every!r} must be >= 1")
@@ -170,7 +175,14 @@ def nash_mtl(max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: 
 
   def from_gram(g, state, *, losses=None, key=None):
     del losses, key
-    fresh = nash_alpha(g, state.alpha, optim_niter, ridge)
+    g = solvers.symmetrize(g)
+    root = jnp.sqrt(jnp.sqrt(jnp.sum(g * g)))  # |G|_F^{1/2}: α for G is β for G / |G|_F, / root
+    root = jnp.where(root > 0, root, 1.0)
+    # Warm start: the last α's direction, scaled to the minimum of φ along it (c² = T / bᵀĜb).
+    b = state.alpha
+    quad = b @ (g / (root * root) + ridge * jnp.eye(g.shape[0])) @ b
+    b = b * jnp.where(quad > 0, jnp.sqrt(g.shape[0] / jnp.where(quad > 0, quad, 1.0)), 1.0)
+    fresh = nash_alpha(g, b, optim_niter, ridge) / root
     alpha = jnp.where(state.step % update_weights_every == 0, fresh, state.alpha)
     weights = alpha
     if max_norm > 0:

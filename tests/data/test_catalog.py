@@ -84,9 +84,18 @@ def test_voc_boxes_and_classes(mocked):
   raw = tfds.data_source("voc/2012", split="train")[1]
   ex = data.open_split("voc_2012", "train", image_size=(24, 24)).read(1)
   assert ex["image"].shape == (24, 24, 3) and ex["boxes"].shape == (catalog.MAX_BOXES, 4)
-  n = min(len(raw["objects"]["bbox"]), len(raw["objects"]["label"]))
+  n = min(len(raw["objects"][k]) for k in ("bbox", "label", "is_difficult"))
   np.testing.assert_array_equal(ex["boxes"][:n], raw["objects"]["bbox"][:n])
   np.testing.assert_array_equal(ex["box_classes"][:n], raw["objects"]["label"][:n] + 1)
   assert (ex["box_classes"][n:] == 0).all() and ex["box_classes"].dtype == np.int32
+  # VOC's `difficult` objects are ignore regions (box_ignore 1), for the loss and the evaluation
+  np.testing.assert_array_equal(ex["box_ignore"][:n], raw["objects"]["is_difficult"][:n])
+  assert (ex["box_ignore"][n:] == 0).all()
   assert data.dataset_info("voc_2012")["tasks"] == {
-      "detection": {"num_classes": 20, "max_boxes": catalog.MAX_BOXES}}
+      "detection": {"num_classes": 20, "max_boxes": catalog.MAX_BOXES, "ignore_regions": True,
+                    "evaluation": "voc"}}
+  # No silent truncation: more objects than label rows is an error naming the count.
+  three = {"bbox": np.full((3, 4), 0.5, np.float32), "label": np.zeros(3, np.int64),
+           "is_difficult": np.zeros(3, bool)}
+  with pytest.raises(ValueError, match=r"voc: an image has 3 objects, more than max_boxes=2"):
+    catalog.voc_example(dict(raw, objects=three), (24, 24), max_boxes=2)

@@ -154,6 +154,7 @@ def official_root(tmp_path_factory):
   label_ids[:4] = 0                                  # unlabeled -> 255
   label_ids[8:12, 4:12] = 26                           # a car -> train id 13
   label_ids[8:16, 20:24] = 24                         # a person -> 11
+  label_ids[4:6, 26:31] = 24                          # a group of persons (id 24, no instance)
   instances = label_ids.astype(np.uint16)          # 16-bit PNGs, as released
   instances[8:12, 4:12] = 26000
   instances[8:16, 20:24] = 24001
@@ -185,7 +186,15 @@ def test_cityscapes_official_layout(official_root):
   # boxes of the two thing instances (instance-id order), classes train id + 1
   np.testing.assert_allclose(ex["boxes"][:2], [[4 / 8, 10 / 16, 1.0, 12 / 16],
                                                [4 / 8, 2 / 16, 6 / 8, 6 / 16]])
-  assert ex["box_classes"][:3].tolist() == [12, 14, 0]
+  assert ex["box_classes"][:4].tolist() == [12, 14, 12, 0]
+  # then the group region of persons: an ignore box (Cityscapes' instance evaluation ignores it)
+  np.testing.assert_allclose(ex["boxes"][2], [4 / 16, 26 / 32, 6 / 16, 31 / 32])
+  assert ex["box_ignore"][:4].tolist() == [0, 0, 1, 0]
+  with pytest.raises(ValueError, match=r"2 thing instances and 1 group regions, more than "
+                                       r"max_boxes=2 .*sources.MAX_BOXES"):
+    sources.instance_boxes(np.asarray(Image.open(
+        os.path.join(root, "gtFine/train/aachen/aachen_000000_000019_gtFine_instanceIds.png")),
+        np.int32), max_boxes=2)
   small = data.open_split("cityscapes_official", "validation", image_size=(8, 16),
                           data_dir=root).read(0)
   assert small["image"].shape == (8, 16, 3) and small["segmentation"].shape == (8, 16)

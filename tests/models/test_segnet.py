@@ -2,12 +2,11 @@
 
 The fixture holds LibMTL's ``examples/nyu/segnet_mtan.py`` model at width 2 (random weights,
 random BatchNorm statistics, LibMTL's state-dict keys), its eval-mode outputs on a fixed input,
-its parameter counts at width 2 and 64, and the NYUv2 metrics LibMTL's ``examples/nyu/utils.py``
-computes for it on a folder of random arrays (re-created here by the script's ``random_nyuv2``).
+its parameter counts at width 2 and 64 (its NYUv2 metrics on random arrays:
+tests/test_segnet_protocol.py, through ``mtjax eval``).
 """
 
 import functools
-import importlib.util
 import pathlib
 
 import flax.traverse_util as traverse
@@ -18,8 +17,7 @@ import pytest
 
 from mtjax import models
 from mtjax import tasks as tasks_lib
-from mtjax.data import loading, sources
-from mtjax.metrics import accumulate, summarize
+from mtjax.data import loading
 from mtjax.models import labels, pretrained, segnet
 from mtjax.train import step as step_lib
 
@@ -36,14 +34,6 @@ def nyuv2_tasks(names=("segmentation", "depth", "normals")):
 @functools.cache
 def fixture():
   return pretrained.read(str(FIXTURE) + ".safetensors"), dict(np.load(str(FIXTURE) + ".npz"))
-
-
-def fixture_script():
-  spec = importlib.util.spec_from_file_location("make_libmtl_segnet_fixture",
-                                                FIXTURES / "make_libmtl_segnet_fixture.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def build(width, names=("segmentation", "depth", "normals")):
@@ -191,40 +181,3 @@ def test_labels_and_the_general_gradient_path():
     for side in ("encoder", "decoder"):
       means = np.asarray(relations[f"segnet_mtan/{task}/{side}"])
       assert means.shape == (5,) and np.all((means > 0) & (means < 1))
-
-
-def test_metrics_equal_libmtl_on_random_nyuv2(tmp_path):
-  """The weights LibMTL saved, evaluated on a NYUv2 folder of random arrays: the metrics
-  LibMTL's examples/nyu/utils.py computes for them (``Trainer.test``'s loop), within the
-  issue's tolerances (mIoU and pixel accuracy 2e-3, depth errors 0.5 %, mean angle 0.05°)."""
-  script = fixture_script()
-  _, arrays = fixture()
-  assert int(arrays["seed"]) == script.SEED and int(arrays["images"]) == script.IMAGES
-  script.random_nyuv2(str(tmp_path))
-  tasks = nyuv2_tasks()
-  model = build(int(arrays["width"]))
-  variables, _ = converted(model, script.IMAGE_SIZE)
-  source = sources.preprocessed_source(str(tmp_path), "validation", num_classes=13,
-                                       normals=True)
-  data = sources.read_all(source)
-
-  @jax.jit
-  def batch_metrics(variables, batch):
-    out = model.apply(variables, batch["image"], train=False, mutable=["relations"])[0]
-    return {t: task.metrics_fn(out[t], batch) for t, task in tasks.items()}
-
-  totals = None
-  bs = int(arrays["test_bs"])
-  for start in range(0, source.size, bs):
-    batch = {k: jnp.asarray(v[start:start + bs]) for k, v in data.items()}
-    totals = accumulate(totals, batch_metrics(variables, batch))
-  got = summarize(tasks, totals)
-  seg, depth, normal = (arrays[f"metric_{n}"] for n in ("segmentation", "depth", "normal"))
-  assert abs(got["segmentation"]["miou"] - seg[0]) < 2e-3
-  assert abs(got["segmentation"]["pixel_acc"] - seg[1]) < 2e-3
-  np.testing.assert_allclose(got["depth"]["abs_err"], depth[0], rtol=5e-3)
-  np.testing.assert_allclose(got["depth"]["rel_err"], depth[1], rtol=5e-3)
-  assert abs(got["normals"]["mean_angle"] - normal[0]) < 0.05
-  assert abs(got["normals"]["median_angle"] - normal[1]) < 0.05
-  for value, threshold in zip(normal[2:], ("11_25", "22_5", "30"), strict=True):
-    assert abs(got["normals"][f"within_{threshold}"] - 100 * value) < 0.05
