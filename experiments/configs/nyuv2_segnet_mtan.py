@@ -51,7 +51,7 @@ def get_config(arg=None):
   config.tasks = ("segmentation", "depth", "normals")
   config.model = config_lib.model_config(
       "segnet_mtan", backbone="segnet", width=64, output_stride=32, stem="imagenet",
-      head_hidden=64, dtype="float32")
+      head_hidden=64, dtype="float32", pretrained="")   # a LibMTL model file (best.pt)
   config.optimizer = ml_collections.ConfigDict({
       "name": "adam", "learning_rate": 1e-4, "schedule": "step",
       "step_size": STEP_EPOCHS * STEPS_PER_EPOCH, "gamma": 0.5, "warmup_steps": 0,
