@@ -19,10 +19,10 @@ The model of the MTAN SegNet rows (MTAN, CAGrad, Nash-MTL, FAMO on NYUv2 and Cit
 Every convolution has a bias (as the reference; before BatchNorm it has no effect on the
 output, but it is a parameter of the reference and of its state dicts). Initialisation as the
 reference: Xavier-normal kernels and zero biases in the encoder (``SegNet_MTAN_encoder``'s loop),
-PyTorch's default (uniform ±1/√fan_in for kernel and bias) in the prediction layers. BatchNorm:
-PyTorch's ε = 1e-5 and momentum 0.1 (Flax ``momentum=0.9``); Flax updates the running variance
-with the biased batch variance where PyTorch uses the unbiased one (a factor ``n/(n-1)``, n the
-pixels of the batch at that level).
+PyTorch's default (uniform ±1/√fan_in for kernel and bias) in the prediction layers. BatchNorm
+is PyTorch's (:class:`mtjax.models.heads.TorchBatchNorm`: ε = 1e-5, momentum 0.1, the running
+variance from the unbiased batch variance); a shared ``*_block_att`` layer updates its
+statistics once per task and call, as in the reference.
 
 Parameter labels: LibMTL's encoder is everything but the prediction layers, and its
 ``get_share_params`` (what its gradient methods balance) is the whole encoder, the per-task
@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtjax.models.heads import TorchBatchNorm
 from mtjax.models.labels import SHARED
 
 LEVELS = 5
@@ -110,9 +111,9 @@ class _Conv(nn.Module):
                    kernel_init=kernel_init, bias_init=bias_init, name="conv")(x)
 
 
-def _norm(train, dtype, name):
-  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                      dtype=dtype, name=name)
+def _norm(x, train, dtype, name):
+  """``torch.nn.BatchNorm2d``: its running variance from the unbiased batch variance."""
+  return TorchBatchNorm(BN_MOMENTUM, BN_EPSILON, dtype, name=name)(x, train)
 
 
 class _ConvLayer(nn.Module):
@@ -124,7 +125,7 @@ class _ConvLayer(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     x = _Conv(self.channels, 3, self.dtype, name="conv0")(x)
-    return nn.relu(_norm(train, self.dtype, "bn0")(x))
+    return nn.relu(_norm(x, train, self.dtype, "bn0"))
 
 
 class _AttLayer(nn.Module):
@@ -135,10 +136,10 @@ class _AttLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = nn.relu(_norm(train, self.dtype, "bn0")(_Conv(self.channels, 1, self.dtype,
-                                                      name="conv0")(x)))
-    return nn.sigmoid(_norm(train, self.dtype, "bn1")(_Conv(self.channels, 1, self.dtype,
-                                                            name="conv1")(x)))
+    x = nn.relu(_norm(_Conv(self.channels, 1, self.dtype, name="conv0")(x), train, self.dtype,
+                      "bn0"))
+    return nn.sigmoid(_norm(_Conv(self.channels, 1, self.dtype, name="conv1")(x), train,
+                            self.dtype, "bn1"))
 
 
 class _Prediction(nn.Module):

@@ -51,7 +51,8 @@ def count(tree):
 
 def converted(model, size):
   state, arrays = fixture()
-  return segnet.libmtl_variables(state, shapes(model, size)), arrays
+  like = shapes(model, size)
+  return segnet.libmtl_variables(state, {k: like[k] for k in ("params", "batch_stats")}), arrays
 
 
 def test_outputs_equal_libmtl():
@@ -68,6 +69,28 @@ def test_outputs_equal_libmtl():
     assert out[task].shape == want.shape
     assert np.std(want) > 1e-3   # outputs that vary: the wiring is tested, not a constant
     np.testing.assert_allclose(out[task], want, rtol=1e-4, atol=2e-5, err_msg=task)
+
+
+def test_training_mode_equals_libmtl():
+  """One training-mode forward from LibMTL's state: the outputs (batch statistics) and the
+  BatchNorm running statistics it leaves, PyTorch's update (momentum 0.1, unbiased variance;
+  the shared attention convolutions updated once per task), to float32 tolerance."""
+  _, arrays = fixture()
+  tasks = tuple(LIBMTL_TASKS)
+  model = build(int(arrays["width"]))
+  x = np.transpose(arrays["input"], (0, 2, 3, 1))
+  variables, _ = converted(model, x.shape[1:3])
+  out, updates = jax.jit(lambda v, x: model.apply(v, x, train=True,
+                                                  mutable=["batch_stats", "relations"]))(
+      variables, x)
+  for task in ("depth", "normals"):
+    want = np.transpose(arrays[f"train_out_{LIBMTL_TASKS[task]}"], (0, 2, 3, 1))
+    np.testing.assert_allclose(out[task], want, rtol=1e-4, atol=2e-5, err_msg=task)
+  stats = traverse.flatten_dict(updates["batch_stats"])
+  assert len(stats) == sum(k.startswith("stat/") for k in arrays)
+  for path, value in stats.items():
+    want = arrays["stat/" + segnet.libmtl_name(path, tasks)]
+    np.testing.assert_allclose(value, want, rtol=1e-4, atol=1e-6, err_msg=str(path))
 
 
 def test_parameter_count_equals_libmtl_tiny_and_full_size():
