@@ -14,6 +14,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mtjax import cli_help
 from mtjax.errors import RunError, UserError
 
 COMMANDS = ("train", "eval", "group")
@@ -166,10 +167,10 @@ def _run(command: str):
 
 def main(argv=None):
   argv = list(sys.argv if argv is None else argv)
-  if len(argv) < 2 or argv[1] not in COMMANDS:
-    print("usage: mtjax {train|eval} --config FILE --workdir DIR [--config.FIELD=VALUE ...] "
-          "[--verbose]\n       mtjax group --workdir RUN --groups K", file=sys.stderr)
-    sys.exit(2)
+  code = cli_help.main_help(argv)  # mtjax, --help, list: answered without parsing flags
+  if code is not None:
+    sys.exit(code)
+  argv = cli_help.resolve_config_args(argv)  # --config shapes: a config shipped with mtjax
   app.run(_run(argv[1]), argv=[f"mtjax {argv[1]}", *argv[2:]], flags_parser=_parse_flags)
 
 

@@ -49,8 +49,8 @@ def test_train_then_eval_with_method_hyperparameters(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    ([], "usage: mtjax {train|eval}"),
-    (["fit"], "usage: mtjax {train|eval}"),
+    ([], "usage: mtjax train --config"),
+    (["fit"], "usage: mtjax train --config"),
 ])
 def test_usage_errors(args, message):
   run = _mtjax(*args)

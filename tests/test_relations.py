@@ -256,3 +256,22 @@ def test_group_command_reads_a_runs_affinity(tmp_path):
                        text=True, timeout=300)
   assert bad.returncode == 2 and "Traceback" not in bad.stderr
   assert "holds no inter-task affinity" in bad.stderr and "affinity_every" in bad.stderr
+
+
+def test_conflict_fraction_counts_pairs_below_the_threshold():
+  # Pairs (0, 1): cos -0.003 (a right angle to the eye), (0, 2): -0.3, (1, 2): 0.2.
+  cos = jnp.array([[1.0, -0.003, -0.3], [-0.003, 1.0, 0.2], [-0.3, 0.2, 1.0]])
+  assert relations.CONFLICT_THRESHOLD == -0.05
+  assert float(relations.conflict_fraction(cos)) == pytest.approx(1 / 3)        # only (0, 2)
+  assert float(relations.conflict_fraction(cos, 0.0)) == pytest.approx(2 / 3)   # PCGrad's cos < 0
+  assert float(relations.conflict_fraction(cos, -0.5)) == 0.0
+  got = relations.conflict_metrics(jnp.array([[1.0, -0.01], [-0.01, 1.0]]))
+  assert float(got["conflict/fraction"]) == 0.0
+
+
+def test_conflict_threshold_config():
+  assert relations.conflict_threshold({}) == relations.CONFLICT_THRESHOLD
+  assert relations.conflict_threshold({"conflict_threshold": 0}) == 0.0
+  for bad in (0.1, -2, "low", True):
+    with pytest.raises(ValueError, match="relations.conflict_threshold"):
+      relations.conflict_threshold({"conflict_threshold": bad})

@@ -60,13 +60,17 @@ def get_config(arg=None):
   # "parameter" / "representation" (the parameter level costs a loss-level method a per-task
   # backward pass through the backbone, ≈ 15-33 s a logging step here); TAG's inter-task
   # affinity every affinity_every steps (0: off) with the lookahead rate affinity_lr (0: the
-  # optimizer's learning rate at the step). None of them changes the training trajectory.
+  # optimizer's learning rate at the step). A pair of tasks counts as conflicting in
+  # conflict/fraction when its gradient cosine is below conflict_threshold (-0.05:
+  # mtjax.relations.CONFLICT_THRESHOLD says why; 0 is PCGrad's cos < 0). None of them changes
+  # the training trajectory.
   config.relations = ml_collections.ConfigDict({
-      "conflict": True, "conflict_level": "auto", "affinity_every": 0, "affinity_lr": 0.0})
+      "conflict": True, "conflict_level": "auto", "conflict_threshold": -0.05,
+      "affinity_every": 0, "affinity_lr": 0.0})
   config.batch_size = 32
   config.num_steps = 1000
   config.log_every = 50
-  config.eval_every = 500
+  config.eval_every = 100  # validation metrics 10 times a run: curves, not two points
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
   # At each evaluation, predictions/step_<N>.png: this many validation images with every task's

@@ -19,8 +19,8 @@ What a masked task means for the weighting methods: on a step whose dataset does
 task t, t's loss is exactly 0 and so is its gradient (its head's, and its row of the per-task
 gradients of the shared part). Loss-level methods see a loss vector with a 0 entry; gradient-
 level methods a zero row, which a method treats as it treats any zero gradient (e.g. MGDA's
-min-norm point of a hull that holds 0 is 0: no shared update on that step). See the README's
-"Several datasets" paragraph for the methods this refuses or changes.
+min-norm point of a hull that holds 0 is 0: no shared update on that step). See the user guide's
+"Several datasets in one run" (docs/guide/data.md) for the methods this refuses or changes.
 """
 
 from typing import NamedTuple

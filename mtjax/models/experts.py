@@ -38,7 +38,12 @@ Learned task relations are sown into the ``"relations"`` collection (the step lo
 experts (shared experts first, then the task's own); PLE adds ``"gate/<task>/level<j>"`` and
 ``"gate/shared/level<j>"`` for its lower levels; DSelect-k adds ``"dselect_k/<task>/selectors"``
 (the batch-mean ``(k, E)`` single-expert selector outputs) and ``"dselect_k/<task>/alpha"``
-(their ``(k,)`` mixing weights).
+(their ``(k,)`` mixing weights). DSelect-k's entropy regulariser is an auxiliary loss
+(``"aux_losses"``, :data:`mtjax.models.multitask.AUX_LOSSES`): ``"dselect_k/<task>/entropy"``.
+
+Parity with LibMTL's ``MMoE``, ``CGC``, ``DSelect_k`` and ``PLE`` (the differences above, named
+and substituted into LibMTL's run): ``tests/models/test_libmtl_parity.py``,
+docs/architectures.md.
 
 Labels (:mod:`mtjax.models.labels`): ``"shared/stem"``, ``"shared/stage<i>"`` (the trunk),
 ``"shared/expert<i>"`` (shared experts; PLE ``"shared/level<j>/expert<i>"``,
@@ -56,6 +61,7 @@ import numpy as np
 
 from mtjax.models import backbones, multitask
 from mtjax.models.labels import SHARED
+from mtjax.models.multitask import AUX_LOSSES
 
 # ----------------------------------------------------------------------------------------------
 # Experts: runs of backbone stages (:class:`backbones.Stages`).
@@ -134,12 +140,15 @@ class DSelectKGate(nn.Module):
   with at most ``k`` non-zeros once the smooth steps saturate. Initialisation as the authors'
   code (google-research/dselect_k_moe): ``Z``'s kernel and bias uniform in ``±γ/100`` (every
   selector starts in the smooth band, near uniform over the experts), ``W``'s in ``±0.05``.
-  Returns the weights and ``{"selectors": (B, k, E), "alpha": (B, k)}``.
+  Returns the weights and ``{"selectors": (B, k, E), "alpha": (B, k)}``. With
+  ``entropy_reg > 0`` the model adds ``entropy_reg ·`` :func:`selector_entropy` of the selectors
+  to a training pass's objective as an auxiliary loss.
   """
 
   num_experts: int
   num_nonzeros: int = 2
   gamma: float = 1.0
+  entropy_reg: float = 0.0  # read by the model (:func:`_sow_entropy`), not by the gate
 
   @nn.compact
   def __call__(self, x):
@@ -155,6 +164,16 @@ class DSelectKGate(nn.Module):
                                     bias_init=w_init, name="w_logits")(x), axis=-1)
     weights = jnp.einsum("bk,bke->be", alpha, selectors)
     return weights, {"selectors": selectors, "alpha": alpha}
+
+
+def selector_entropy(selectors):
+  """``-Σ r log(r + 1e-6)`` over every entry of the single-expert selectors ``r``
+  (``(B, k, E)``): the entropy of each selector, summed over the ``k`` selectors (the paper's
+  ``Ω(Z) = Σ_i h(r(z_i))``, Hazimeh et al., 2021, §3) and over the batch, with the authors'
+  ``EPSILON = 1e-6`` inside the log (google-research/dselect_k_moe, ``EntropyRegularizer``).
+  Zero exactly when every selector is one-hot."""
+  selectors = selectors.astype(jnp.float32)
+  return -jnp.sum(selectors * jnp.log(selectors + 1e-6))
 
 
 def _uniform(scale):
@@ -193,6 +212,14 @@ def _sow_gate(module, task: str, weights, extras):
     module.sow("relations", f"dselect_k/{task}/{name}", batch_mean(value))
 
 
+def _sow_entropy(module, task: str, gate, extras, train: bool):
+  """DSelect-k's entropy regulariser ``entropy_reg · selector_entropy`` as an auxiliary loss
+  ``"dselect_k/<task>/entropy"`` of a training pass (the authors add it in training only)."""
+  reg = getattr(gate, "entropy_reg", 0.0)
+  if train and reg and "selectors" in extras:
+    module.sow(AUX_LOSSES, f"dselect_k/{task}/entropy", reg * selector_entropy(extras["selectors"]))
+
+
 class MixtureOfExperts(nn.Module):
   """MMoE (Ma et al., 2018) and DSelect-k (Hazimeh et al., 2021): shared experts, one gate and
   one head per task: ``y_t = h_t(Σ_e g_t(x̄)_e f_e(trunk(x)))`` (Ma et al., eq. 5).
@@ -217,6 +244,7 @@ class MixtureOfExperts(nn.Module):
     """``task``'s gate over the experts, their mixture, and ``task``'s head."""
     weights, extras = self.gates[task](features["gate_input"])
     _sow_gate(self, task, weights, extras)
+    _sow_entropy(self, task, self.gates[task], extras, train)
     return self.heads[task](mix(weights, features["experts"]), tuple(output_size), train)
 
   def __call__(self, images, train: bool = False):
@@ -401,18 +429,24 @@ def build_mmoe(backbone: str, tasks: Mapping, *, width: int = 64, output_stride:
 def build_dselect_k(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int = 32,
                     stem: str = "imagenet", head_hidden: int = 64, dtype: str = "float32",
                     num_experts: int = 4, num_nonzeros: int = 2, gamma: float = 1.0,
-                    expert_stages: int = 1) -> MixtureOfExperts:
+                    entropy_reg: float = 1e-6, expert_stages: int = 1) -> MixtureOfExperts:
   """DSelect-k (Hazimeh et al., 2021): MMoE's experts with a per-task, per-example DSelect-k
   gate selecting at most ``num_nonzeros`` (k) of ``num_experts`` experts.
 
   Defaults: k = 2 and γ = 1 (the authors' code and LibMTL), 4 experts (the smallest power of 2
   where top-2 is a selection). ``num_experts`` must be a power of 2: the binary encoding then
   reaches exactly the experts and each selector sums to 1; other counts need the authors'
-  extra penalty ``Σ 1/Σ_e r(z)_e`` on unreachable codes, an auxiliary loss the train step has no
-  place for. No entropy regulariser: the authors' gate has none by default
-  (``entropy_reg=None``; the paper tunes it per experiment), and it too would be an auxiliary
-  loss. The paper adds it to reach a binary selection sooner; without it the selectors still
-  saturate as training pushes their logits out of the smooth band.
+  extra penalty ``Σ 1/Σ_e r(z)_e`` on unreachable codes.
+
+  ``entropy_reg`` (default 1e-6, the default of the authors' ``EntropyRegularizer``
+  (``schedule_fn = lambda x: 1e-6``) and LibMTL's constant): the weight ``λ`` of the entropy
+  regulariser ``λ · Σ_{b,i} h(r(z_i(x_b)))`` (:func:`selector_entropy`, summed over the batch as
+  the authors' code does), which pushes the selectors to a binary state sooner (Hazimeh et al.,
+  2021, §3); 0 turns it off (the authors' gate without a regulariser). One auxiliary loss per
+  task, ``"dselect_k/<task>/entropy"``, added to the objective after the task weighting and
+  logged as ``loss/aux/dselect_k/<task>/entropy``. LibMTL regularises only the last task's gate
+  (its loop leaves ``selector_outputs`` of the last task) and calls ``backward`` itself; here
+  every task's gate is regularised.
   """
   resnet, heads = _hard(backbone, tasks, width, output_stride, stem, head_hidden, dtype)
   _check_count("num_experts", num_experts)
@@ -420,13 +454,18 @@ def build_dselect_k(backbone: str, tasks: Mapping, *, width: int = 64, output_st
     raise ValueError(f"model.num_experts: dselect_k needs a power of 2 (its experts are binary "
                      f"codes), got {num_experts}")
   _check_count("num_nonzeros", num_nonzeros, 1, num_experts, " (at most model.num_experts)")
+  if (not isinstance(entropy_reg, (int, float)) or isinstance(entropy_reg, bool)
+      or not entropy_reg >= 0):
+    raise ValueError(f"model.entropy_reg: expected a float >= 0 (the entropy regulariser's "
+                     f"weight; 0: none), got {entropy_reg!r}")
   if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not gamma > 0:
     raise ValueError(f"model.gamma: expected a float > 0 (the smooth step's width), got "
                      f"{gamma!r}")
   trunk, first = _split(resnet, "expert_stages", expert_stages)
   n = len(resnet.stage_sizes)
   experts = [backbones.part(resnet, first, n) for _ in range(num_experts)]
-  gates = {t: DSelectKGate(num_experts, num_nonzeros, float(gamma)) for t in tasks}
+  gates = {t: DSelectKGate(num_experts, num_nonzeros, float(gamma), float(entropy_reg))
+           for t in tasks}
   return MixtureOfExperts(trunk, experts, gates, heads)
 
 

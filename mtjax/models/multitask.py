@@ -44,6 +44,13 @@ def normalize(images, input_norm: str):
 
 _HEAD_PREFIX = "heads_"
 
+# The collection a model sows auxiliary losses into: ``self.sow(AUX_LOSSES, name, value)`` from
+# ``__call__``, ``encode`` or ``decode`` in a training pass. They are not tasks: the train step
+# adds ``Σ_name value`` to the objective after the task weighting (its gradient is added to the
+# balanced one, whatever the method) and logs each as ``loss/aux/<name>``
+# (:func:`mtjax.train.step.task_terms`). Values sown under one name in one pass are added.
+AUX_LOSSES = "aux_losses"
+
 
 class DeepSupervision(NamedTuple):
   """A decoded output with intermediate outputs that are supervised too (e.g. PAD-Net).

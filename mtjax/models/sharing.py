@@ -212,11 +212,16 @@ def build_cross_stitch(backbone: str, tasks: Mapping, *, width: int = 64,
 
 
 class _Attention(nn.Module):
-  """``a = σ(BN(conv1×1(ReLU(BN(conv1×1(x))))))`` with ``channels`` outputs (MTAN's ``g``,
-  ``h``; LibMTL's ``_att_layer``, without its convolutions' biases: a bias before BatchNorm
-  has a zero gradient, which Adam would turn into noise); parameters ``in·C + 2C + C² + 2C``."""
+  """``a = σ(BN(conv1×1(ReLU(BN(conv1×1(x))))))`` with ``hidden`` then ``channels`` outputs
+  (MTAN's ``g``, ``h``; the official code's and LibMTL's ``att_layer``, whose hidden width is
+  ``C / expansion``: ``C`` for basic blocks, ``C / 4`` for bottlenecks), without the
+  convolutions' biases (a bias before BatchNorm has a zero gradient, which Adam would turn into
+  noise; in evaluation it is a shift of BatchNorm's mean, which is how
+  ``tests/models/test_libmtl_parity.py`` converts LibMTL's); parameters
+  ``in·h + 2h + h·C + 2C``."""
 
   channels: int
+  hidden: int
   dtype: jnp.dtype
 
   @nn.compact
@@ -224,7 +229,7 @@ class _Attention(nn.Module):
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                              dtype=self.dtype)
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
-    x = nn.relu(norm()(conv(self.channels, (1, 1))(x)))
+    x = nn.relu(norm()(conv(self.hidden, (1, 1))(x)))
     return nn.sigmoid(norm()(conv(self.channels, (1, 1))(x)))
 
 
@@ -249,16 +254,20 @@ class MTAN(nn.Module):
   ``a_i = h_i([p_i ; f_{i-1}(â_{i-1})])`` (``a_1 = h_1(p_1)``) over the stage's output ``p_i``
   and the attended feature ``â_i = a_i ⊙ p_i``; the task's head reads ``â_N``.
   Deviations, for CPU-sized backbones with one block per stage and for the model contract:
-  the mask reads ``p_i`` (the paper and LibMTL read the output ``u_i`` of the stage's
-  second-to-last block and mask the last block's output); ``f`` is per task (LibMTL shares it
-  across tasks: here ``decode`` uses only its task's parameters) and a conv3×3 whose stride
-  takes ``â_{i-1}`` to stage ``i``'s resolution (LibMTL: a residual block and a max-pool).
+  the mask reads ``p_i`` (the paper, the official code (lorenmt/mtan, ``resnet_mtan.py``) and
+  LibMTL read the output ``u_i`` of the stage's blocks but the last, and mask the last block's
+  output ``p_i``); ``f`` is per task (the official code and LibMTL share it across tasks: here
+  ``decode`` uses only its task's parameters) and a conv3×3 whose stride takes ``â_{i-1}`` to
+  stage ``i``'s resolution (theirs: a residual block, then a max-pool). With exactly these
+  differences substituted into LibMTL's forward, the outputs equal LibMTL's
+  (``tests/models/test_libmtl_parity.py``, docs/architectures.md).
 
   Features (representation level): ``{"stage1": p_1, ..., "stageN": p_N}``, every stage of
   the shared backbone (what the attention modules read).
   Relations: ``"mtan/<task>/stage<i>"``, the batch-mean of ``a_i``.
-  Parameters: ``P_backbone + T · [Σ_i (in_i C_i + C_i² + 4 C_i) + Σ_{i<N} (9 C_i C_{i+1} +
-  2 C_{i+1})] + Σ_t P_head_t``, with ``in_1 = C_1`` and ``in_i = 2 C_i`` for ``i > 1``.
+  Parameters: ``P_backbone + T · [Σ_i (in_i h_i + 2 h_i + h_i C_i + 2 C_i) + Σ_{i<N} (9 C_i
+  C_{i+1} + 2 C_{i+1})] + Σ_t P_head_t``, with ``in_1 = C_1``, ``in_i = 2 C_i`` for ``i > 1``
+  and the attention's hidden width ``h_i = C_i`` (basic blocks) or ``C_i / 4`` (bottlenecks).
   """
 
   backbone: nn.Module
@@ -267,7 +276,9 @@ class MTAN(nn.Module):
   def setup(self):
     plan = backbones.plan_of(self.backbone)
     channels, n = backbones.stage_channels(plan), len(plan.stages)
-    self.attention = {f"{t}_stage{i}": _Attention(channels[i], plan.dtype)
+    expansion = 4 if plan.block == "bottleneck" else 1
+    self.attention = {f"{t}_stage{i}": _Attention(channels[i], channels[i] // expansion,
+                                                  plan.dtype)
                       for t in self.heads for i in range(1, n + 1)}
     # stride of f_i: stage i+1's first block's stride (1 when dilated).
     self.transfer = {f"{t}_stage{i}": _Transfer(channels[i + 1], plan.stages[i][0][1],

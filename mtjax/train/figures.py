@@ -187,11 +187,14 @@ def read_log(log_path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_curves(log_path: str, png_path: str, final: dict | None = None) -> None:
+def plot_curves(log_path: str, png_path: str, final: dict | None = None,
+                conflict_threshold: float | None = None) -> None:
   """Training losses and task weights against the step, the fraction of conflicting gradient
-  pairs when logged, and one panel per validation metric (every evaluation a point; ``final``,
-  a validation record ``{"step": N, "validation/<task>/<metric>": value}``, adds the final
-  evaluation, which the log does not hold)."""
+  pairs when logged (pairs with cosine below ``conflict_threshold``, default
+  :data:`mtjax.relations.CONFLICT_THRESHOLD`, as the log counts them), and one panel per
+  validation metric (every evaluation a point; ``final``, a validation record ``{"step": N,
+  "validation/<task>/<metric>": value}``, adds the final evaluation, which the log does not
+  hold)."""
   plt = _pyplot()
   records = read_log(log_path)
   if final:
@@ -201,7 +204,9 @@ def plot_curves(log_path: str, png_path: str, final: dict | None = None) -> None
   metrics = sorted({k for r in val for k in r if k.startswith("validation/")})
   panels = [("loss/", "training loss"), ("weight/", "task weight")]
   if any("conflict/fraction" in r for r in train):
-    panels.append(("conflict/fraction", "conflicting gradient pairs (cos < 0)"))
+    from mtjax.relations import CONFLICT_THRESHOLD
+    threshold = CONFLICT_THRESHOLD if conflict_threshold is None else conflict_threshold
+    panels.append(("conflict/fraction", f"conflicting gradient pairs (cos < {threshold:g})"))
   n = len(panels) + len(metrics)
   cols = min(n, 4)
   rows = -(-n // cols)
@@ -277,9 +282,9 @@ def relation_heatmaps(log_path: str, png_path: str, names, max_steps: int = 5,
         for j in range(t):
           ax.text(j, i, f"{m[i, j]:.2g}", ha="center", va="center", fontsize=6)
       ax.set_xticks(range(t))
-      ax.set_xticklabels([n[:5] for n in ticks], fontsize=6)
+      ax.set_xticklabels(ticks, fontsize=6, rotation=35, ha="right")
       ax.set_yticks(range(t))
-      ax.set_yticklabels([n[:5] for n in ticks], fontsize=6)
+      ax.set_yticklabels(ticks, fontsize=6)
       ax.set_title(f"{(titles or {}).get(key, key)}\n{title}", fontsize=7)
     for ax in row[len(cells):]:
       ax.axis("off")

@@ -139,10 +139,12 @@ def _relations_and_phases(cfg) -> dict:
   ``config.strategy`` / ``config.phases`` (absent: conflict at logging steps at the automatic
   level, no affinity, end to end)."""
   rel = dict(cfg.get("relations", None) or {})
-  unknown = sorted(set(rel) - {"conflict", "conflict_level", "affinity_every", "affinity_lr"})
+  unknown = sorted(set(rel) - {"conflict", "conflict_level", "affinity_every", "affinity_lr",
+                                "conflict_threshold"})
   if unknown:
     raise ValueError(f"relations: unknown field(s) {unknown}; expected conflict, "
-                     "conflict_level, affinity_every, affinity_lr")
+                     "conflict_level, conflict_threshold, affinity_every, affinity_lr")
+  relations.conflict_threshold(rel)
   conflict = rel.get("conflict", True)
   if not isinstance(conflict, bool):
     raise ValueError(f"relations.conflict: got {conflict!r}; expected a bool")
@@ -593,6 +595,10 @@ def train(cfg, workdir: str, *, progress: bool = True, stop_after: int | None = 
         affinity = affinity_every and done % affinity_every == 0
         if logs:
           record = log_record(step_metrics)
+          if "conflict/cosine" in record:  # the pairs below config.relations.conflict_threshold
+            record["conflict/fraction"] = float(relations.conflict_fraction(
+                np.asarray(record["conflict/cosine"]),
+                relations.conflict_threshold(cfg.get("relations", None))))
           if not affinity:
             record.pop("affinity", None)
           now = time.perf_counter()
@@ -746,7 +752,8 @@ def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None, board=None,
   print(text)
   log_path = os.path.join(workdir, "metrics.jsonl")
   plot_curves(log_path, os.path.join(workdir, "curves.png"),
-              {"step": int(state.step), **_flat(out["validation"]["metrics"], "validation")})
+              {"step": int(state.step), **_flat(out["validation"]["metrics"], "validation")},
+              conflict_threshold=relations.conflict_threshold(cfg.get("relations", None)))
   figures.relation_heatmaps(
       log_path, os.path.join(workdir, "relations.png"), tuple(exp.tasks),
       titles={"conflict/cosine": f"conflict/cosine ({trainer.conflict_level} level)"}

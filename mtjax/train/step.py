@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtjax import relations as relations_lib
 from mtjax.models import labels
-from mtjax.models.multitask import DeepSupervision
+from mtjax.models.multitask import AUX_LOSSES, DeepSupervision
 from mtjax.tasks import loss_and_parts
 from mtjax.train.state import Health, TrainState
 from mtjax.weighting.base import weighted_sum
@@ -262,6 +262,11 @@ class TaskTerms(NamedTuple):
   # {name: float32 array}: what the model sowed into "relations" in this pass (the last value
   # of each name); {} for a model that sows nothing.
   relations: dict | None = None
+  # {name: float32 scalar}: the auxiliary losses the model sowed into "aux_losses" (not tasks:
+  # added to the objective after the task weighting), and () -> ∇ Σ_name aux of every parameter
+  # (one more backward pass); {} and None for a model that sows none.
+  aux_losses: dict | None = None
+  aux_grad: Callable | None = None
 
 
 def sown_relations(*updates) -> dict:
@@ -276,6 +281,25 @@ def sown_relations(*updates) -> dict:
       value = values[-1] if isinstance(values, tuple) else values
       out["/".join(path)] = jax.lax.stop_gradient(jnp.asarray(value, jnp.float32))
   return out
+
+
+def sown_aux_losses(update) -> dict:
+  """``{name: float32 scalar}`` from the ``"aux_losses"`` collection of a ``model.apply`` update.
+
+  Names as :func:`sown_relations`; several values sown under one name are added. The values
+  keep their gradient (they are differentiated with the task losses' forward pass).
+  """
+  out = {}
+  for path, values in traverse_util.flatten_dict(dict(update.get(AUX_LOSSES, {}))).items():
+    values = values if isinstance(values, tuple) else (values,)
+    out["/".join(path)] = sum(jnp.sum(jnp.asarray(v, jnp.float32)) for v in values)
+  return out
+
+
+def _with_aux(vjp, aux):
+  """The VJP of ``(primal, aux)`` as a VJP of ``primal`` alone (zero cotangent for ``aux``)."""
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, aux)
+  return lambda cotangent: vjp((cotangent, zeros))
 
 
 def _rngs(key):
@@ -316,7 +340,8 @@ def task_terms(model, tasks, params, batch_stats, batch, *, grad_level="paramete
   is zero and its backward pass is not computed). ``key``: the model's PRNG key for this pass
   (the ``"gumbel"`` stream of ``model.apply``; only models that draw noise use it, e.g.
   ``ltb``). The ``"relations"`` collection is mutable in every apply; what the model sows
-  there is returned in ``relations``.
+  there is returned in ``relations``, and so is ``"aux_losses"``: what the model sows there is
+  returned in ``aux_losses``, with ``aux_grad`` (see :class:`TaskTerms`).
   """
   def trainable(p):
     return labels.stop_gradient(model, p, frozen)
@@ -336,25 +361,28 @@ def _encoder_terms(model, tasks, params, batch_stats, batch, grad_level, train, 
   def encode(p):
     variables = {"params": trainable(p), "batch_stats": stats.get(labels.SHARED, {})}
     features, updates = model.apply(variables, images, train, method="encode",
-                                    mutable=["batch_stats", RELATIONS], rngs=rngs)
-    return features, (updates["batch_stats"], sown_relations(updates))
+                                    mutable=["batch_stats", RELATIONS, AUX_LOSSES], rngs=rngs)
+    return (features, sown_aux_losses(updates)), (updates["batch_stats"], sown_relations(updates))
 
-  features, encode_vjp, (new_stats, relations) = jax.vjp(encode, own.get(labels.SHARED, {}),
-                                                         has_aux=True)
-  losses, head_vjps, outputs, parts, task_stats = [], [], {}, {}, []
+  (features, encode_aux), encode_aux_vjp, (new_stats, relations) = jax.vjp(
+      encode, own.get(labels.SHARED, {}), has_aux=True)
+  encode_vjp = _with_aux(encode_aux_vjp, encode_aux)
+  losses, head_vjps, outputs, parts, task_stats, head_auxes = [], [], {}, {}, [], []
   for name, task in tasks.items():
     def head_loss(p, f, name=name, task=task):
       variables = {"params": trainable(p), "batch_stats": stats.get(name, {})}
       out, updates = model.apply(variables, f, name, output_size, train, method="decode",
-                                 mutable=["batch_stats", RELATIONS], rngs=rngs)
+                                 mutable=["batch_stats", RELATIONS, AUX_LOSSES], rngs=rngs)
       loss, loss_parts, out = output_loss(task, out, batch)
-      return loss, (updates["batch_stats"], out, loss_parts, sown_relations(updates))
+      return ((loss, sown_aux_losses(updates)),
+              (updates["batch_stats"], out, loss_parts, sown_relations(updates)))
 
-    loss, head_vjp, (head_stats, out, loss_parts, sown) = jax.vjp(
+    (loss, head_aux), head_aux_vjp, (head_stats, out, loss_parts, sown) = jax.vjp(
         head_loss, own.get(name, {}), features, has_aux=True)
     relations.update(sown)
     losses.append(loss)
-    head_vjps.append(head_vjp)
+    head_vjps.append(_with_aux(head_aux_vjp, head_aux))
+    head_auxes.append((head_aux, head_aux_vjp))
     task_stats.append(head_stats)
     outputs[name] = out
     if loss_parts:
@@ -406,8 +434,25 @@ def _encoder_terms(model, tasks, params, batch_stats, batch, grad_level, train, 
   def weighted(weights):
     return weighted_direction(*task_cotangents(), weights)
 
+  def aux_grad():
+    pulled = [vjp((jnp.zeros_like(losses[0]), jax.tree_util.tree_map(jnp.ones_like, aux)))
+              for aux, vjp in head_auxes]
+    (shared,) = encode_aux_vjp((_tree_sum([f for _, f in pulled]),
+                                jax.tree_util.tree_map(jnp.ones_like, encode_aux)))
+    return labels.merge(shared, *(p for p, _ in pulled))
+
+  aux_losses = _add_aux([encode_aux, *(aux for aux, _ in head_auxes)])
   return TaskTerms(losses, parts, outputs, labels.merge(new_stats, *task_stats), combine,
-                   per_task, gram_terms, weighted, relations)
+                   per_task, gram_terms, weighted, relations, aux_losses,
+                   aux_grad if aux_losses else None)
+
+
+def _add_aux(auxes) -> dict:
+  out = {}
+  for aux in auxes:
+    for name, value in aux.items():
+      out[name] = out[name] + value if name in out else value
+  return out
 
 
 def _joint_terms(model, tasks, params, batch_stats, batch, grad_level, train, trainable, rngs):
@@ -420,15 +465,20 @@ def _joint_terms(model, tasks, params, batch_stats, batch, grad_level, train, tr
     variables = {"params": trainable(labels.merge(shared, specific)),
                  "batch_stats": batch_stats}
     outputs, updates = model.apply(variables, batch["image"], train,
-                                   mutable=["batch_stats", RELATIONS], rngs=rngs)
+                                   mutable=["batch_stats", RELATIONS, AUX_LOSSES], rngs=rngs)
     triples = [output_loss(task, outputs[name], batch) for name, task in tasks.items()]
     parts = {name: p for name, (_, p, _) in zip(names, triples, strict=True) if p}
     outs = {name: out for name, (_, _, out) in zip(names, triples, strict=True)}
-    return (jnp.stack([loss for loss, _, _ in triples]),
+    return ((jnp.stack([loss for loss, _, _ in triples]), sown_aux_losses(updates)),
             (updates["batch_stats"], outs, parts, sown_relations(updates)))
 
-  losses, vjp, (new_stats, outputs, parts, relations) = jax.vjp(loss_vector, shared, specific,
-                                                                has_aux=True)
+  (losses, aux_losses), aux_vjp, (new_stats, outputs, parts, relations) = jax.vjp(
+      loss_vector, shared, specific, has_aux=True)
+  vjp = _with_aux(aux_vjp, aux_losses)
+
+  def aux_grad():
+    ones = jax.tree_util.tree_map(jnp.ones_like, aux_losses)
+    return labels.merge(*aux_vjp((jnp.zeros_like(losses), ones)))
 
   def combine(weights):
     return labels.merge(*vjp(jnp.asarray(weights, losses.dtype)))
@@ -446,7 +496,8 @@ def _joint_terms(model, tasks, params, batch_stats, batch, grad_level, train, tr
     return labels.merge(shared_grads, specific_sum)
 
   return TaskTerms(losses, parts, outputs, new_stats, combine, per_task, weighted=weighted,
-                   relations=relations)
+                   relations=relations, aux_losses=aux_losses,
+                   aux_grad=aux_grad if aux_losses else None)
 
 
 def balance(terms: TaskTerms, method, weighting_state, key, task_chunk: int = 0,
@@ -617,6 +668,10 @@ def apply_gradients(state: TrainState, optimizer, names, grads, weighting_state,
                     max_consecutive_skips: int = 10, frozen=None):
   """The optimizer update that ends a train step, and the step's metrics.
 
+  ``grads`` is the balanced direction; the gradient of the model's auxiliary losses
+  (``terms.aux_grad``, if it sowed any) is added to it here, after the task weighting, and each
+  is logged as ``loss/aux/<name>``.
+
   The step also checks, on device, that the task losses, the gradient and the updated
   parameters are finite (:func:`check_health`; nothing waits for the host). ``nonfinite="stop"``
   only records the first step that is not (the loop stops there: the trajectory of a healthy
@@ -630,12 +685,16 @@ def apply_gradients(state: TrainState, optimizer, names, grads, weighting_state,
   """
   # frozen: label prefixes a grouped optimizer (a strategy's phase) skips; None: a plain one.
   extra = {} if frozen is None else {"frozen": tuple(frozen)}
+  if terms.aux_grad is not None:  # the model's auxiliary losses, after the task weighting
+    grads = jax.tree_util.tree_map(jnp.add, grads, terms.aux_grad())
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
   params = optax.apply_updates(state.params, updates)
   losses = terms.losses
   metrics = {"loss": jnp.sum(losses), "grad_norm": optax.tree_utils.tree_norm(grads)}
   for name, value in (terms.relations or {}).items():
     metrics[f"relations/{name}"] = value
+  for name, value in (terms.aux_losses or {}).items():
+    metrics[f"loss/aux/{name}"] = value
   for i, name in enumerate(names):
     metrics[f"loss/{name}"] = losses[i]
     metrics[f"weight/{name}"] = weights[i]

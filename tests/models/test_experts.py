@@ -211,6 +211,7 @@ def test_bad_hyperparameters_name_the_field():
       (experts.build_dselect_k, {"num_nonzeros": 5}, r"model.num_nonzeros: expected an int in "
                                                      r"1..4"),
       (experts.build_dselect_k, {"gamma": 0.0}, r"model.gamma"),
+      (experts.build_dselect_k, {"entropy_reg": -1.0}, r"model.entropy_reg: expected a float"),
       (experts.build_mmoe, {"num_experts": 0}, r"model.num_experts: expected an int >= 1"),
       (experts.build_mmoe, {"expert_stages": 4}, r"model.expert_stages: expected an int in 1..3 "
                                                  r"\(the backbone has 3 stages\)"),
@@ -224,6 +225,6 @@ def test_bad_hyperparameters_name_the_field():
     with pytest.raises(ValueError, match=message):
       builder("resnet_tiny", tasks, **{**KW, **kwargs})
   assert models.hparams("dselect_k") == {"num_experts": 4, "num_nonzeros": 2, "gamma": 1.0,
-                                          "expert_stages": 1}
+                                          "entropy_reg": 1e-6, "expert_stages": 1}
   with pytest.raises(ValueError, match="model.architecture"):
     models.hparams("moe")

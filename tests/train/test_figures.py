@@ -116,3 +116,25 @@ def test_curves_heatmaps_and_tensorboard_from_a_log(tmp_path):
   board.image("predictions", np.zeros((4, 4, 3)), 1)
   board.close()
   assert figures.events_in(str(tmp_path / "tb"))
+
+
+def test_figures_show_whole_task_names_and_the_conflict_threshold(tmp_path, monkeypatch):
+  from matplotlib.figure import Figure
+
+  seen = []
+  save = Figure.savefig
+
+  def spy(fig, *args, **kwargs):
+    seen.append([(ax.get_title(), [t.get_text() for t in ax.get_xticklabels()],
+                  [t.get_text() for t in ax.get_yticklabels()]) for ax in fig.axes])
+    return save(fig, *args, **kwargs)
+
+  monkeypatch.setattr(Figure, "savefig", spy)
+  _log(tmp_path / "metrics.jsonl")
+  names = ("segmentation", "depth", "normals")
+  figures.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"),
+                      conflict_threshold=-0.1)
+  assert "conflicting gradient pairs (cos < -0.1)" in [title for title, _, _ in seen[0]]
+  figures.relation_heatmaps(str(tmp_path / "metrics.jsonl"), str(tmp_path / "r.png"), names)
+  heatmaps = [(x, y) for title, x, y in seen[1] if "\n" in title]  # "key\nstep N"
+  assert heatmaps and all(x == list(names) and y == list(names) for x, y in heatmaps)
