@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtjax import checkpoint, data, metrics, models, relations, weighting
+from mtjax import checkpoint, data, metrics, models, relations, runtime, weighting
 from mtjax import config as config_lib
 from mtjax import tasks as tasks_lib
 from mtjax.data import augment, mixing, pipeline, sources
@@ -183,12 +183,11 @@ def load_data(cfg, split: str, label_keys, entry: dict | None = None):
       _after_process_zero(lambda: data.open_split(name, split, image_size=size,
                                                   data_dir=data_dir,
                                                   split_sizes=entry["split_sizes"]))
-    if data.DATASETS[name].in_memory:
-      arrays = data.load_split(name, split, image_size=size, data_dir=data_dir,
-                               split_sizes=entry["split_sizes"])
-    else:
-      arrays = data.open_split(name, split, image_size=size, data_dir=data_dir,
-                               split_sizes=entry["split_sizes"])
+    # The keys the run reads are picked before anything is read; a small dataset is then read
+    # whole, a large one (or one stored for lazy reading) batch by batch.
+    source = pipeline.select(data.open_split(name, split, image_size=size, data_dir=data_dir,
+                                             split_sizes=entry["split_sizes"]), label_keys)
+    arrays = sources.read_all(source) if data.reads_whole(name, source) else source
   except OSError as e:
     if isinstance(e, FileNotFoundError) and e.filename is None:  # its message has the layout
       raise UserError(f"config.{field}.data_dir: {e}") from None
@@ -204,7 +203,7 @@ def load_data(cfg, split: str, label_keys, entry: dict | None = None):
     where = {"image_size": "dataset.image_size", "split_sizes": f"{field}.split_sizes"}.get(
         key, f"{field}.data_dir")
     raise UserError(f"config.{where}: {str(e).removeprefix(key + ': ')}") from None
-  return pipeline.select(arrays, label_keys)
+  return arrays
 
 
 # Methods whose direction (nearly) vanishes on a step with a masked task, measured by
@@ -732,7 +731,8 @@ def report(cfg, workdir, exp, trainer, state, mesh, val_arrays=None, board=None,
       val_arrays = load_data(cfg, "validation", exp.label_keys)
     test_arrays = load_data(cfg, "test", exp.label_keys)
   baselines = {t: dict(m) for t, m in cfg.baselines.items()}
-  out, tables = {"step": int(state.step), "baselines": baselines}, []
+  out, tables = {"step": int(state.step), "baselines": baselines,
+                 "runtime": runtime.describe()}, []
   for split, arrays in (("validation", val_arrays), ("test", test_arrays)):
     results = evaluate_split(trainer.evaluate, state, arrays, exp.tasks, cfg.eval_batch_size, mesh)
     delta = metrics.delta_m(exp.tasks, results, baselines)

@@ -110,7 +110,7 @@ def _final(out):
 
 def test_registry_and_config_errors(tmp_path):
   assert set(FORMULAS) <= set(ARCHS)
-  assert models.hparams("hard") == {"frozen_bn": False}
+  assert models.hparams("hard") == {"frozen_bn": False, "head": "task", "input_norm": "none"}
   assert models.hparams("partial") == {"branch_stage": 2}
   with pytest.raises(ValueError, match=r"model.architecture: got 'nope'.*'partial'"):
     _build("nope")
