@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# The GPU measurements of issue 12, one command per chunk, each under 10 minutes:
+# The GPU measurements, one command per chunk, each under 10 minutes:
 #
+#   bash benchmarks/gpu.sh smoke      # FIRST, under 5 minutes: the default experiment twice
+#                                     # (bit for bit), det_seg at 512x512, the NYUv2 protocol's
+#                                     # step (ew, pcgrad, upgrad, mgda): compile s, step ms, peak
+#                                     # memory (benchmarks/gpu_smoke.py)
+#   bash benchmarks/gpu.sh memory     # XLA's memory analysis of det_seg 512 and the NYUv2
+#                                     # step, T = 2, 3, 10, each level (benchmarks/memory_plan.py)
 #   bash benchmarks/gpu.sh compare    # mtjax vs PyTorch (eager, torch.compile, LibMTL-style loop,
 #                                     # torchjd), ResNet-50 setup of ../shared/REFERENCE.md
 #   bash benchmarks/gpu.sh w1 .. w7   # benchmarks/step_time.py --setup resnet50, the weighting
@@ -31,6 +37,8 @@ mkdir -p "$OUT"
 LIMIT=570
 SETUP=resnet50
 LEVELS=()
+SMOKE_ARGS=()
+MEMORY_ARGS=()
 
 if [[ "$DRY" == "1" ]]; then
   SETUP=tiny
@@ -38,6 +46,8 @@ if [[ "$DRY" == "1" ]]; then
             --only ew,pcgrad_param --allow-busy)
   ST_SIZE=(--image-size 16 --batch 2 --steps 1 --warmup 0)
   LEVELS=(--levels parameter)
+  SMOKE_ARGS=(--dry)
+  MEMORY_ARGS=(--tiny --num-tasks 2 --levels loss)
 elif [[ "${GPU_TINY:-0}" == "1" ]]; then
   CMP_SIZE=(--image-size 32 --batch 2 --rounds 1 --steps 1 --warmup 0 --block-warmup 0)
   ST_SIZE=(--image-size 32 --batch 2 --steps 1 --warmup 0)
@@ -86,6 +96,12 @@ run_chunk() {
       [[ "$DRY" == "1" ]] && methods="${methods%%,*}"
       timeout "$LIMIT" python3 benchmarks/step_time.py --setup "$SETUP" "${ST_SIZE[@]}" \
         ${LEVELS[@]+"${LEVELS[@]}"} --methods "$methods" --out "$OUT/step_time_r50_$chunk" ;;
+    smoke)
+      timeout "$LIMIT" python3 benchmarks/gpu_smoke.py ${SMOKE_ARGS[@]+"${SMOKE_ARGS[@]}"} \
+        --workdir "$OUT/smoke_runs" --out "$OUT/smoke" ;;
+    memory)
+      timeout "$LIMIT" python3 benchmarks/memory_plan.py ${MEMORY_ARGS[@]+"${MEMORY_ARGS[@]}"} \
+        --out "$OUT/memory_plan" ;;
     t10)
       local methods=mgda,pcgrad,upgrad
       [[ "$DRY" == "1" ]] && methods=mgda
@@ -93,7 +109,8 @@ run_chunk() {
         --num-tasks 10 --levels representation --methods "$methods" \
         --out "$OUT/step_time_r50_t10" ;;
     *)
-      echo "gpu.sh: unknown chunk '$chunk' (compare, w1..w7, t10, all)" >&2; return 2 ;;
+      echo "gpu.sh: unknown chunk '$chunk' (smoke, memory, compare, w1..w7, t10, all)" >&2
+      return 2 ;;
   esac
 }
 
@@ -102,7 +119,7 @@ info
 if [[ "$chunk" == "all" ]]; then
   check_groups
   failed=()
-  for c in compare w1 w2 w3 w4 w5 w6 w7 t10; do  # a chunk that fails (or times out) does not stop the rest
+  for c in smoke memory compare w1 w2 w3 w4 w5 w6 w7 t10; do  # a chunk that fails (or times out) does not stop the rest
     run_chunk "$c" 2>&1 | tee "$OUT/$c.log" || failed+=("$c")
   done
   if (( ${#failed[@]} )); then

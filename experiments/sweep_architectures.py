@@ -175,7 +175,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  architectures = models.names() if _ARCHS.value == "all" else _ARCHS.value.split(",")
+  # "all": the architectures over the config's ResNet backbone (SegNet-MTAN brings its own
+  # encoder and runs with backbone "segnet": experiments/configs/nyuv2_segnet_mtan.py).
+  architectures = ([n for n in models.names() if n != "segnet_mtan"] if _ARCHS.value == "all"
+                   else _ARCHS.value.split(","))
   for name in architectures:
     models.hparams(name)  # fail early on a bad name
   methods = weighting.names() if _METHODS.value == "all" else _METHODS.value.split(",")

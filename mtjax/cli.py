@@ -95,6 +95,27 @@ def _config():
     _fail(_load_error(e, flags.FLAGS["config"].config_filename), 2, _VERBOSE.value)
 
 
+def _apply_runtime(config):
+  """XLA's deterministic GPU execution (``config.deterministic``, default true) and the
+  persistent compilation cache (``config.compilation_cache``, default ``"auto"``), before
+  anything starts JAX's backend (:mod:`mtjax.runtime`)."""
+  from mtjax import runtime
+
+  deterministic = config.get("deterministic", True)
+  if not isinstance(deterministic, bool):
+    _fail(f"config.deterministic: got {deterministic!r}; expected True or False", 2, False)
+  try:
+    cache = runtime.resolve_cache_dir(config.get("compilation_cache", "auto"))
+  except ValueError as e:
+    _fail(f"config.{e}", 2, False)
+  runtime.set_deterministic(deterministic)
+  try:
+    runtime.set_compilation_cache(cache)
+  except OSError as e:
+    _fail(f"config.compilation_cache: cannot use {cache!r} ({e.strerror or e}); expected a "
+          "writable folder, or 'none'", 2, False)
+
+
 def _initialize_distributed():
   """``jax.distributed.initialize`` for ``--distributed``, before any device is touched."""
   given = {"coordinator_address": _COORDINATOR.value, "num_processes": _NUM_PROCESSES.value,
@@ -148,6 +169,7 @@ def _run(command: str):
     if not flags.FLAGS["config"].present or _WORKDIR.value is None:
       _fail("--config and --workdir are required", 2, False)
     config = _config()
+    _apply_runtime(config)
     _initialize_distributed()
     from mtjax.train import loop  # after flag parsing: keeps `--help` fast
 

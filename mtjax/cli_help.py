@@ -161,6 +161,8 @@ ARCHITECTURE_SUMMARY = {
            "(Tang et al., 2020).",
     "ple": "CGC stacked over the last stages with a shared stream (Tang et al., 2020).",
     "dselect_k": "MMoE's experts with a differentiable top-k gate (Hazimeh et al., 2021).",
+    "segnet_mtan": "SegNet with per-task attention, as LibMTL's segnet_mtan.py (Liu et al., "
+                   "2019); backbone 'segnet'.",
 }
 
 

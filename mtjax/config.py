@@ -19,7 +19,10 @@ from mtjax.errors import UserError
 PRESENTATION_FIELDS = ("log_every", "eval_every", "checkpoint_every", "eval_batch_size",
                        "baselines", "dataset.data_dir", "progress_bar", "keep_checkpoints",
                        "dataset.num_workers", "dataset.loader",  # the same batches either way
-                       "mesh", "relations", "prediction_images", "tensorboard")
+                       "mesh", "relations", "prediction_images", "tensorboard",
+                       # XLA's deterministic GPU kernels and the compile cache: the same
+                       # trajectory (bitwise on CPU either way)
+                       "deterministic", "compilation_cache")
 
 
 def weighting_config(name: str = "ew") -> ml_collections.ConfigDict:

@@ -38,6 +38,11 @@ def test_train_then_eval_with_method_hyperparameters(tmp_path):
   assert optimizer["lr_scale"] == [["shared", 0.5], ["depth", 2.0]]
   assert (first["weight/segmentation"], first["weight/depth"], first["weight/normals"]) == (
       1.0, 0.0, 2.0)
+  with open(os.path.join(workdir, "results.json")) as f:
+    settings = json.load(f)["runtime"]  # config.deterministic (default true) reached $XLA_FLAGS
+  assert settings["deterministic"] is True
+  assert "--xla_gpu_deterministic_ops=true" in settings["xla_flags"].split()
+  assert settings["compilation_cache"] == env["JAX_COMPILATION_CACHE_DIR"]  # "auto": JAX's own
   again = _mtjax("eval", "--config", config, "--workdir", workdir,
                  "--config.weighting.weights=(1.0, 0.0, 2.0)", *groups, *TINY, env=env)
   assert again.returncode == 0, again.stderr[-3000:]
@@ -76,6 +81,8 @@ def _error_line(run):
     ("missing config file", ["--config", "nowhere.py"],
      "--config: cannot load 'nowhere.py': [Errno 2] No such file or directory"),
     ("workdir is a file", ["--workdir", "FILE"], "FILE' is a file; expected a folder"),
+    ("cache dir not a folder", ["--config.compilation_cache=FILE"],
+     "config.compilation_cache: cannot use "),
     ("data dir not a folder", ["--data_dir_is_a_file"],
      "config.dataset.data_dir (else $MTJAX_DATA_DIR): cannot build or read dataset 'shapes'"),
 ])
@@ -84,6 +91,7 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, case, args, message):
   env = {**os.environ, "MTJAX_DATA_DIR": str(tmp_path / "data"), "JAX_PLATFORMS": "cpu"}
   if args == ["--data_dir_is_a_file"]:
     env["MTJAX_DATA_DIR"], args = str(tmp_path / "FILE" / "data"), []
+  args = [a.replace("=FILE", f"={tmp_path / 'FILE' / 'cache'}") for a in args]
   base = {"--config": "experiments/configs/shapes.py", "--workdir": str(tmp_path / "w")}
   for flag in base:
     if flag in args:

@@ -71,4 +71,6 @@ def get_config(arg=None):
   config.baselines = ml_collections.ConfigDict() if gpu else ml_collections.ConfigDict({
       "detection": {"ap": 0.5759, "ap50": 0.7544},
       "segmentation": {"miou": 0.5902, "pixel_acc": 0.9264}})
+  config.deterministic = True     # XLA's deterministic GPU kernels (mtjax.runtime)
+  config.compilation_cache = "auto"  # the persistent compilation cache: "auto", "none", a folder
   return config

@@ -78,6 +78,11 @@ def get_config(arg=None):
   # optional extra: pip install 'mtjax[tensorboard]').
   config.prediction_images = 4
   config.tensorboard = False
+  # XLA's deterministic GPU kernels: the same config and seed give the same bits on a GPU too
+  # (mtjax.runtime; no effect on a CPU). The persistent compilation cache: "auto" (JAX's own
+  # setting, $JAX_COMPILATION_CACHE_DIR, else ~/.cache/mtjax/jax), "none", or a folder.
+  config.deterministic = True
+  config.compilation_cache = "auto"
   config.eval_batch_size = 128  # a multiple of the device count (1, 2, 4, 8, …)
   # Single-task results of the same model, steps and seed (Δm% is computed against them).
   config.baselines = ml_collections.ConfigDict()

@@ -14,7 +14,7 @@ hyperparameters as keyword arguments *with defaults* (the one source of truth: t
 
 import inspect
 
-from mtjax.models import experts, labels, sharing
+from mtjax.models import experts, labels, segnet, sharing
 from mtjax.models.multitask import DeepSupervision, MultiTaskModel
 from mtjax.models.multitask import build as build_hard
 
@@ -28,6 +28,7 @@ ARCHITECTURES = {
     "mtan": sharing.build_mtan,
     "pad_net": sharing.build_pad_net,
     "ltb": sharing.build_ltb,
+    "segnet_mtan": segnet.build_segnet_mtan,
     **experts.ARCHITECTURES,  # mmoe, cgc, ple, dselect_k
 }
 

@@ -28,6 +28,8 @@ import os
 import flax.traverse_util as traverse
 import numpy as np
 
+from mtjax.models import segnet
+
 FORMATS = (".pth", ".pt", ".safetensors")
 _IGNORED = ("fc.",)
 
@@ -212,6 +214,7 @@ def import_libmtl_hard(tensors, variables: dict) -> dict:
 # fresh model (its structure); raises ValueError listing missing/mismatched/unexpected tensors.
 LIBMTL_IMPORTERS = {
     "hard": import_libmtl_hard,
+    "segnet_mtan": segnet.libmtl_variables,   # examples/nyu/segnet_mtan.py
 }
 
 

@@ -33,17 +33,15 @@ def read_split(entry, split: str, label_keys, image_size):
   size = tuple(image_size)
   split_sizes = dict(entry.split_sizes)
 
-  def read():
-    if data.DATASETS[name].in_memory:
-      return data.load_split(name, split, image_size=size, data_dir=data_dir,
-                             split_sizes=split_sizes)
-    return data.open_split(name, split, image_size=size, data_dir=data_dir,
-                           split_sizes=split_sizes)
+  def read():  # the keys are picked first; a small dataset is then read whole
+    source = pipeline.select(data.open_split(name, split, image_size=size, data_dir=data_dir,
+                                             split_sizes=split_sizes), label_keys)
+    return sources.read_all(source) if data.reads_whole(name, source) else source
   try:
     if jax.process_count() > 1:
       after_process_zero(lambda: data.open_split(name, split, image_size=size, data_dir=data_dir,
                                                  split_sizes=split_sizes))
-    arrays = read()
+    return read()
   except OSError as e:
     if isinstance(e, FileNotFoundError) and e.filename is None:  # its message has the layout
       raise UserError(f"config.{field}.data_dir: {e}") from None
@@ -59,7 +57,6 @@ def read_split(entry, split: str, label_keys, image_size):
     where = {"image_size": "dataset.image_size", "split_sizes": f"{field}.split_sizes"}.get(
         key, f"{field}.data_dir")
     raise UserError(f"config.{where}: {str(e).removeprefix(key + ': ')}") from None
-  return pipeline.select(arrays, label_keys)
 
 
 def after_process_zero(prepare) -> None:

@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from mtjax import checkpoint, metrics, relations
+from mtjax import checkpoint, metrics, relations, runtime
 from mtjax.data import pipeline
 from mtjax.errors import RunError, UserError
 from mtjax.models import pretrained
@@ -24,6 +24,7 @@ from mtjax.tasks import detection_plot
 from mtjax.train import figures, setup, sinks
 from mtjax.train import inputs as inputs_lib
 from mtjax.train import mesh as mesh_lib
+from mtjax.train import meta as meta_lib
 
 warn = sinks.warn
 
@@ -67,9 +68,10 @@ def train(run, workdir: str, *, progress: bool = True, stop_after: int | None = 
   # 3. Train: one step a batch; log, evaluate and save on the periods' steps.
   try:
     for step, batch in inputs_lib.stream(mix, data, first, last, periods.num_steps):
-      meta = None if exp.method.level != "meta" else mesh_lib.shard_batch(inputs_lib.batch_of(
-          meta_mix, step, batch_size=data.batch_size, seed=data.seed + 1,
-          num_steps=periods.num_steps), run.mesh)   # an independent draw (seed + 1)
+      meta = None if not meta_lib.draws_meta_batch(exp.method) else mesh_lib.shard_batch(
+          inputs_lib.batch_of(
+              meta_mix, step, batch_size=data.batch_size, seed=data.seed + 1,
+              num_steps=periods.num_steps), run.mesh)   # an independent draw (seed + 1)
       state, step_metrics = trainer.step(state, mesh_lib.shard_batch(batch, run.mesh), meta,
                                          phase=trainer.phase(step))
       done = step + 1
@@ -307,7 +309,8 @@ def report(run: setup.Run, workdir, trainer, state, val_split=None, out=None,
     val_mix = inputs_lib.load_mixture(data, "validation", exp.tasks, run.periods.num_steps)
     val_split = val_mix.labelled()
   test = inputs_lib.load_mixture(data, "test", exp.tasks, run.periods.num_steps).labelled()
-  result, tables = {"step": int(state.step), "baselines": run.baselines}, []
+  result, tables = {"step": int(state.step), "baselines": run.baselines,
+                    "runtime": runtime.describe()}, []
   for split, arrays in (("validation", val_split), ("test", test)):
     results = evaluate_split(trainer.evaluate, state, arrays, exp.tasks, data.eval_batch_size,
                              run.mesh)

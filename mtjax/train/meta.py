@@ -18,19 +18,61 @@ This module computes what the spec's ``kind`` asks for:
 turns its result into the model's gradient: ``∇ Σ_t w_t L_t`` on the train batch, or a
 :class:`~mtjax.weighting.base.MetaDirection`'s combination of train and meta batch gradients.
 Every pass uses the one forward path, :func:`mtjax.train.step.task_terms`.
+
+A method whose spec ``trains_on_meta`` (FORUM: the model moves along the meta batch's
+gradients) gets both batches from one train batch, split in two halves (:func:`split_batch`),
+as LibMTL's ``Trainer.train_bilevel`` draws its inner and outer batches at half the batch size:
+every step then sees ``batch_size`` examples, as any other method's.
 """
 
 import jax
 import jax.numpy as jnp
 
 from mtjax.train.state import TrainState
-from mtjax.train.step import task_terms
+from mtjax.train.step import halves, task_terms
 from mtjax.weighting.base import MetaSpec, ValueFunctionInfo, gram
 from mtjax.weighting.meta import AUTO_LAMBDA_SPEC
 
 # LibMTL stops FORUM's inner loop once the lower-level loss exceeds this ("caused by too large
 # inner_lr and inner_step").
 _INNER_LOSS_LIMIT = 1e5
+
+
+def trains_on_meta(method) -> bool:
+  """Whether ``method`` moves the model's weights along a meta batch's gradients."""
+  return method.level == "meta" and method.meta is not None and method.meta.trains_on_meta
+
+
+def draws_meta_batch(method) -> bool:
+  """Whether the loop draws a separate meta batch (of ``config.meta_split``) for ``method``:
+  a meta-level method's, unless it splits the train batch (:func:`trains_on_meta`)."""
+  return method.level == "meta" and not trains_on_meta(method)
+
+
+def split_batch(batch):
+  """``(lower-level batch, meta batch)``: the two halves of ``batch`` (even and odd examples,
+  :func:`mtjax.train.step.halves`: each device splits its own examples)."""
+  return halves(batch)
+
+
+def check_meta_split(method, meta_split: str) -> None:
+  """Raises ValueError (``meta_split: ...``) when a method that trains on its meta batch
+  would draw it from the validation split."""
+  if trains_on_meta(method) and meta_split != "train":
+    raise ValueError(
+        f"meta_split: got {meta_split!r}, but this method moves the model's weights along the "
+        "meta batch's gradients (it would train on the validation set); expected 'train' (its "
+        "meta batch is the second half of each train batch)")
+
+
+def check_batch(method, batch_size: int, num_devices: int) -> None:
+  """Raises ValueError (``batch_size: ...``) unless :func:`split_batch` can halve the batch on
+  every device."""
+  if trains_on_meta(method) and batch_size % (2 * num_devices):
+    raise ValueError(
+        f"batch_size: got {batch_size} on {num_devices} device(s); the method's lower-level and "
+        "meta batches are the two halves of each device's examples: expected a multiple of "
+        f"{2 * num_devices}")
 
 
 def task_losses(model, tasks, params, batch_stats, batch):

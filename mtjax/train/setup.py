@@ -28,6 +28,7 @@ from mtjax.errors import UserError
 from mtjax.models import labels, pretrained
 from mtjax.train import inputs as inputs_lib
 from mtjax.train import mesh as mesh_lib
+from mtjax.train import meta as meta_lib
 from mtjax.train import optim, strategies
 from mtjax.train import step as step_lib
 from mtjax.train import trainer as trainer_lib
@@ -138,6 +139,8 @@ def build(cfg) -> Experiment:
     weighting.hparams(cfg.weighting.name)
   with building("weighting"):
     method = weighting.get(cfg.weighting.name, **config_lib.weighting_kwargs(cfg))
+  with building():
+    meta_lib.check_meta_split(method, cfg.meta_split)
   with building():
     if any(optim.group_rules(cfg.optimizer)):  # the groups cost a trace of the model
       optim.check_groups(cfg.optimizer, _groups(model, cfg))

@@ -113,6 +113,7 @@ def check_options(model, method, options: StepOptions, mesh) -> None:
     raise ValueError("lookahead_lr: a meta-level method needs the learning rate of its "
                      "lookahead step (a float or the optimizer's schedule)")
   check_double_sampling(method, options.batch_size, mesh.devices.size, options.task_chunk)
+  meta_lib.check_batch(method, options.batch_size, mesh.devices.size)
   if options.affinity_every and (options.affinity_lr if options.affinity_lr is not None
                                  else options.lookahead_lr) is None:
     raise ValueError("affinity_lr: the affinity lookahead needs a learning rate (a float or "
@@ -163,8 +164,8 @@ def make_trainer(model, tasks: Mapping, method, optimizer, options: StepOptions 
   (image_shape, batch_size, grad_level, frozen, lookahead_lr, nonfinite, max_consecutive_skips,
    task_chunk, conflict_every, last_step, conflict_level, affinity_every, affinity_lr,
    phase_at) = options
-  mesh = make_mesh() if mesh is None else mesh
   double_sampling = bool(getattr(method, "double_sampling", False))
+  split = meta_lib.trains_on_meta(method)
   names = tuple(tasks)
   frozen = tuple(frozen)
   level = conflict_level_of(model, method, grad_level, conflict_level)
@@ -218,7 +219,7 @@ def make_trainer(model, tasks: Mapping, method, optimizer, options: StepOptions 
       return terms
 
     def step(state: TrainState, batches):
-      batch, meta_batch = batches
+      batch, meta_batch = meta_lib.split_batch(batches[0]) if split else batches
       key = jax.random.fold_in(state.key, state.step)
       done = state.step + 1
       logs = due(done, conflict_every, last_step) if conflict_every else None
@@ -293,7 +294,7 @@ def make_trainer(model, tasks: Mapping, method, optimizer, options: StepOptions 
   phase_of = phase_at or (lambda step: strategies_lib.END_TO_END)
 
   def train_step(state, batch, meta_batch=None, *, phase=None):
-    if method.level == "meta" and meta_batch is None:
+    if meta_lib.draws_meta_batch(method) and meta_batch is None:
       raise ValueError("meta_batch: a meta-level method's step needs a meta batch")
     if phase is None and phase_at is not None:
       raise ValueError("phase: a trainer with a strategy needs the step's phase "

@@ -52,6 +52,11 @@ class MetaSpec(NamedTuple):
     ``lookahead_lr`` (the optimizer's current learning rate).
   * ``inner_steps``: the number of virtual SGD steps (``"value_function"`` only; ``"lookahead"``
     takes one).
+  * ``trains_on_meta``: ``update`` returns a :class:`MetaDirection`, so the model's weights move
+    along the meta batch's gradients too (FORUM). The train step then takes the lower-level
+    and the meta batch as the two halves of one train batch (LibMTL's ``train_bilevel``), no
+    meta batch is drawn, and ``config.meta_split="validation"`` is refused (it would train the
+    model on the validation set).
   """
 
   learned: Callable[[Any], Any]
@@ -60,6 +65,7 @@ class MetaSpec(NamedTuple):
   kind: str = "lookahead"
   lookahead_lr: float | None = None
   inner_steps: int = 1
+  trains_on_meta: bool = False
 
 
 class ValueFunctionInfo(NamedTuple):

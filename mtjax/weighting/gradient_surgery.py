@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mtjax.weighting.base import (
@@ -194,12 +195,21 @@ def graddrop(leak: float = 0.0) -> Method:
   batch axis in with the sign of the activations; here it acts element-wise on whatever
   ``task_grads`` holds (parameter or representation gradients, no batch folding). One uniform
   vector is drawn for all elements and sliced leaf by leaf, so a pytree gives the same result as
-  its flattened ``(T, D)`` matrix. No task weights exist: ``weights`` is NaN.
+  its flattened ``(T, D)`` matrix. No task weights exist: ``weights`` is NaN. ``leak`` is one
+  number or one per task (the paper's ``l_i``; torchjd's ``GradDrop(leak=...)``), each in
+  ``[0, 1]``; a sequence of the wrong length is refused by ``init``.
   """
-  if not 0.0 <= leak <= 1.0:
-    raise ValueError(f"graddrop: 'leak' must lie in [0, 1], got {leak}")
+  leaks = np.atleast_1d(np.asarray(leak, np.float64))
+  if leaks.ndim != 1 or leaks.size == 0 or not np.all((leaks >= 0.0) & (leaks <= 1.0)):
+    raise ValueError(f"graddrop: 'leak' must be a number or a sequence of numbers in [0, 1], "
+                     f"got {leak!r}")
+  per_task = np.ndim(leak) > 0
 
-  init = stateless_init
+  def init(num_tasks, grads_like=None):
+    if per_task and leaks.size != num_tasks:
+      raise ValueError(f"graddrop: 'leak' has {leaks.size} entries, expected one per task "
+                       f"({num_tasks})")
+    return stateless_init(num_tasks, grads_like)
 
   def update(task_grads, state, *, losses=None, key=None):
     del losses
@@ -215,7 +225,9 @@ def graddrop(leak: float = 0.0) -> Method:
       g = leaf.astype(jnp.float32)
       purity = 0.5 * (1.0 + safe_div(jnp.sum(g, 0), jnp.sum(jnp.abs(g), 0)))
       mask = ((purity > u) & (g > 0)) | ((purity < u) & (g < 0))
-      out.append(jnp.sum(g * (leak + (1.0 - leak) * mask), 0).astype(leaf.dtype))
+      lk = jnp.asarray(leaks if per_task else leaks[0], jnp.float32)
+      lk = lk.reshape((-1,) + (1,) * (g.ndim - 1)) if per_task else lk
+      out.append(jnp.sum(g * (lk + (1.0 - lk) * mask), 0).astype(leaf.dtype))
     weights = jnp.full((num_tasks,), jnp.nan, jnp.float32)
     return jax.tree_util.tree_unflatten(treedef, out), state, weights
 

@@ -144,7 +144,8 @@ WEIGHT_NET_SPEC = MetaSpec(learned=lambda state: state.params, weights=_weight_n
 
 def weight_net(hidden=16, meta_lr=1e-3, average_decay=0.9, primary_tasks=None,
                seed=0) -> Method:
-  """A weighting network learned by the exact meta-gradient of the validation loss.
+  """mtjax's own method (no paper defines it): a weighting network learned by the exact
+  meta-gradient of the validation loss.
 
   ``λ = net_φ(features)`` (:func:`weight_net_apply` on :func:`loss_features`: each task's
   current loss, its ratio to the first loss, its trend against a moving average with decay
@@ -329,8 +330,12 @@ def forum(outer_lr=1e-3, inner_lr=0.1, inner_steps=5, phi=0.1, ema_period=1,
   Differences: LibMTL indexes ``β`` by the *epoch* (``ema_period`` = the steps per epoch
   reproduces it; the default 1 indexes it by train step, this library's choice, as a method
   does not see epochs); its QP goes to cvxpy, this one to
-  :func:`forum_qp`; an all-zero ``∇_ω F_t`` gets ``ĝ_t = 0`` instead of a division by zero; the
-  meta batch comes from ``config.meta_split`` (LibMTL: a second half-size train batch).
+  :func:`forum_qp`; an all-zero ``∇_ω F_t`` gets ``ĝ_t = 0`` instead of a division by zero.
+  As LibMTL (two half-size train batches per step), the lower-level and the meta batch are the
+  two halves of one train batch (``MetaSpec.trains_on_meta``: the model moves along the meta
+  batch's gradients, so each step sees ``batch_size`` examples, as every other method, and
+  ``config.meta_split="validation"`` is refused); the BatchNorm statistics the step keeps are
+  the lower-level half's (LibMTL's model also runs the meta half in train mode).
   """
   if inner_steps < 1 or ema_period < 1:
     raise ValueError(f"forum: inner_steps={inner_steps!r} and ema_period={ema_period!r} must "
@@ -368,7 +373,7 @@ def forum(outer_lr=1e-3, inner_lr=0.1, inner_steps=5, phi=0.1, ema_period=1,
 
   spec = MetaSpec(learned=lambda state: state.logits, weights=_softmax_weights,
                   objective=lambda state, meta_losses: meta_losses, kind="value_function",
-                  lookahead_lr=inner_lr, inner_steps=inner_steps)
+                  lookahead_lr=inner_lr, inner_steps=inner_steps, trains_on_meta=True)
   return Method(init, update, "meta", spec)
 
 

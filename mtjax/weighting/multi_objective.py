@@ -83,7 +83,8 @@ def cagrad_weights(g: jax.Array, c: float, num_iters: int = 20,
   return jax.lax.fori_loop(0, num_iters, body, u)
 
 
-def cagrad(c: float = 0.4, rescale: int = 1, num_iters: int = 20) -> Method:
+def cagrad(c: float = 0.4, rescale: int = 1, num_iters: int = 20,
+           norm_eps: float = 1e-3) -> Method:
   """CAGrad (Liu et al., 2021): ``d = g_0 + (c |g_0| / |g_w|) g_w`` with the dual weights of
   :func:`cagrad_weights`, so that ``|d - g_0| <= c |g_0|`` and ``min_t <g_t, d>`` is maximised
   over that ball. ``rescale`` divides ``d`` by 1 (0), ``1 + c²`` (1) or ``1 + c`` (2).
@@ -93,11 +94,22 @@ def cagrad(c: float = 0.4, rescale: int = 1, num_iters: int = 20) -> Method:
   gradient (LibMTL; with ``c = 0`` the result is exactly the mean); the official code multiplies
   ``d`` by ``T`` "to match the sum loss". The official code adds 1e-8 inside the square roots and
   solves the dual with SLSQP; this solves it on device (scale-free, no additive epsilons).
+
+  At a Pareto-stationary point (0 in the convex hull of the gradients) the dual solution can
+  have ``g_w = 0``, where ``g_w / |g_w|`` has no direction: as torchjd's ``CAGradWeighting``,
+  when ``|g_w| < norm_eps |J|_F`` (``|J|_F² = tr G``) and ``c > 0`` the weights are 0 (no move).
+  ``norm_eps = 1e-3``, not torchjd's 1e-4: ``|g_w|² = wᵀ G w`` from a float32 Gram matrix
+  carries a rounding error of about ``1e-7 tr G``, so ``|g_w|`` below ``≈ 3e-4 |J|_F`` cannot be
+  told from 0. For ``c >= 1`` that is exactly the stationary case:
+  ``g_wᵀ g_0 + c |g_0| |g_w| >= 0`` with equality only at ``g_w = 0``.
   """
   if rescale not in (0, 1, 2):
     raise ValueError(f"cagrad: rescale={rescale!r}; allowed: 0, 1, 2")
-  if c < 0:
-    raise ValueError(f"cagrad: c={c!r} must be >= 0")
+  if not c >= 0:
+    raise ValueError(f"cagrad: c={c!r}; expected a number >= 0 (the radius of the ball around "
+                     "the mean gradient, relative to its norm)")
+  if not norm_eps >= 0:
+    raise ValueError(f"cagrad: norm_eps={norm_eps!r}; expected a number >= 0")
 
   def from_gram(g, state, *, losses=None, key=None):
     del losses, key
@@ -109,7 +121,8 @@ def cagrad(c: float = 0.4, rescale: int = 1, num_iters: int = 20) -> Method:
     lam = c * safe_div(g0_norm, gw_norm)
     weights = u + lam * w
     weights = weights / {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
-    return weights, state
+    stationary = (c > 0) & (gw_norm < norm_eps * safe_sqrt(jnp.trace(g)))
+    return jnp.where(stationary, 0.0, weights), state
 
   return gram_method(stateless_init, from_gram)
 
