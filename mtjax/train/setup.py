@@ -291,16 +291,19 @@ def inputs(cfg) -> Inputs:
 
 
 def check_method_state(exp: Experiment, options) -> None:
-  """The weighting method's ``init`` on the shapes of this run (nothing computed): a method
-  that refuses the tasks (a ``fixed`` weighting with the wrong number of weights) is a
-  ``config.weighting`` error before anything is compiled."""
+  """The model's ``init`` and the weighting method's ``init`` on the shapes of this run
+  (nothing computed): a model that refuses the image size (SegNet: multiples of 32) is a
+  ``config.<field>`` error it names, a method that refuses the tasks (a ``fixed`` weighting
+  with the wrong number of weights) a ``config.weighting`` error, before anything is
+  compiled."""
   model = exp.model
-  variables = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, *options.image_shape)), train=False))
-  like = jax.eval_shape(lambda: trainer_lib.gradient_like(
-      model, variables["params"], variables.get("batch_stats", {}),
-      grad_level=options.grad_level, image_shape=options.image_shape,
-      batch_size=options.batch_size))
+  with building():  # a model's own checks of the input (e.g. SegNet's image size)
+    variables = jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, *options.image_shape)), train=False))
+    like = jax.eval_shape(lambda: trainer_lib.gradient_like(
+        model, variables["params"], variables.get("batch_stats", {}),
+        grad_level=options.grad_level, image_shape=options.image_shape,
+        batch_size=options.batch_size))
   try:
     jax.eval_shape(lambda g: exp.method.init(len(exp.tasks), g), like)
   except ValueError as e:

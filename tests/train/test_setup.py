@@ -46,6 +46,10 @@ CASES = [
     ("bad prediction_images", {"prediction_images": -1}, "config.prediction_images: got -1"),
     ("double sampling with an odd batch per device", {"method": "modo", "batch_size": 24},
      "config.batch_size: got 24 on 8 device(s)"),
+    ("image size the model refuses",
+     {"model": config_lib.model_config("segnet_mtan", backbone="segnet", width=2),
+      "dataset.image_size": (48, 40)},
+     "config.dataset.image_size: SegNet-MTAN max-pools 5 times by 2"),
     ("pretrained file of another format", {"model.pretrained": "w.bin"},
      "config.model.pretrained: 'w.bin'"),
     ("fixed weighting with the wrong number of weights",
@@ -99,18 +103,26 @@ def test_the_plan_resolves_the_default_experiment_once(tmp_path):
     run.seed = 1   # frozen
 
 
+# Architectures that are their own encoder name it as their backbone.
+OWN_BACKBONE = {"segnet_mtan": "segnet"}
+OWN_SIZE = {"segnet_mtan": 32}   # SegNet max-pools 5 times
+
+
 @pytest.mark.parametrize("architecture", models.names())
 def test_the_reports_prediction_grid_draws_every_architecture(tmp_path, architecture):
   """The report's path of the figures (:func:`mtjax.train.loop.prediction_shower`, with the
   trainer's ``predict``: the evaluation's outputs) for each registered architecture."""
-  cfg = tiny_config(tmp_path / "data", prediction_images=2, **{"dataset.image_size": (16, 16)})
+  size = OWN_SIZE.get(architecture, 16)
+  cfg = tiny_config(tmp_path / "data", prediction_images=2,
+                    **{"dataset.image_size": (size, size)})
   with cfg.unlocked():
-    common = {k: cfg.model[k] for k in ("backbone", "output_stride", "stem", "dtype")}
-    cfg.model = config_lib.model_config(architecture, **common, width=4, head_hidden=4)
+    common = {k: cfg.model[k] for k in ("output_stride", "stem", "dtype")}
+    cfg.model = config_lib.model_config(architecture, **common, width=4, head_hidden=4,
+                                        backbone=OWN_BACKBONE.get(architecture, "resnet_tiny"))
   run = setup.resolve(cfg)
   trainer = setup.make_trainer(None, run.experiment, run.mesh, run.step_options)
   state = trainer.init(jax.random.PRNGKey(0))
-  examples = scenes(2, size=16)
+  examples = scenes(2, size=size)
   show = loop.prediction_shower(run, trainer, examples, sinks.Sinks((), None, None,
                                                                     str(tmp_path)))
   show(state, 3)
