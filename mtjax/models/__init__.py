@@ -2,11 +2,12 @@
 
 ``ARCHITECTURES`` is the registry, a plain dict ``name -> builder``. A builder is
 
-    build_x(backbone: str, tasks: Mapping[str, Task], *, width, output_stride, stem,
-            head_hidden, dtype, <hyperparameter>=<default>, ...) -> nn.Module
+    build_x(backbone: str, tasks: Mapping[str, Task], common: Common, *,
+            <hyperparameter>=<default>, ...) -> nn.Module
 
-the common fields of ``config.model`` (:data:`COMMON`) plus the architecture's own
-hyperparameters as keyword arguments *with defaults* (the one source of truth: they become
+the common fields of ``config.model`` (:class:`Common`, declared once; their names are
+:data:`COMMON`) plus the architecture's own hyperparameters as keyword-only arguments *with
+defaults* (the one source of truth: they become
 ``config.model`` fields, see :func:`mtjax.config.model_config`). It checks its values and raises
 ``ValueError("model.<field>: ...")``; the module it returns follows the multi-task model contract
 (:mod:`mtjax.models.multitask`).
@@ -15,11 +16,12 @@ hyperparameters as keyword arguments *with defaults* (the one source of truth: t
 import inspect
 
 from mtjax.models import experts, labels, segnet, sharing
-from mtjax.models.multitask import DeepSupervision, MultiTaskModel
+from mtjax.models.multitask import Common, DeepSupervision, MultiTaskModel
 from mtjax.models.multitask import build as build_hard
 
-# The config.model fields every builder takes (besides the backbone's name and the tasks).
-COMMON = ("width", "output_stride", "stem", "head_hidden", "dtype")
+# The names of the config.model fields every builder takes (besides the backbone's name and the
+# tasks).
+COMMON = Common._fields
 
 ARCHITECTURES = {
     "hard": build_hard,
@@ -45,23 +47,23 @@ def _builder(architecture: str):
 
 
 def hparams(architecture: str) -> dict:
-  """``{name: default}``: the hyperparameters of ``architecture`` (its builder's keywords that
-  are not :data:`COMMON`)."""
+  """``{name: default}``: the hyperparameters of ``architecture`` (its builder's keyword-only
+  arguments)."""
   params = inspect.signature(_builder(architecture)).parameters.values()
-  return {p.name: p.default for p in params
-          if p.kind == p.KEYWORD_ONLY and p.name not in COMMON}
+  return {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY}
 
 
-def build(backbone: str, tasks, *, architecture: str = "hard", width: int = 64,
-          output_stride: int = 32, stem: str = "imagenet", head_hidden: int = 64,
-          dtype: str = "float32", **kwargs):
+def build(backbone: str, tasks, *, architecture: str = "hard", **fields):
   """The multi-task model ``architecture`` (default ``"hard"``) over backbone ``backbone``.
 
-  ``kwargs``: the architecture's hyperparameters (:func:`hparams`); an unknown one raises
+  ``fields``: the common fields (:class:`Common`; those not given take its defaults) and the
+  architecture's hyperparameters (:func:`hparams`); an unknown one raises
   ``ValueError("model.<name>: ...")``.
   """
   builder = _builder(architecture)
-  for name, value in (("width", width), ("head_hidden", head_hidden)):
+  common = Common(**{k: fields.pop(k) for k in COMMON if k in fields})
+  kwargs = fields
+  for name, value in (("width", common.width), ("head_hidden", common.head_hidden)):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f"model.{name}: got {value!r}; expected a positive int")
   allowed = hparams(architecture)
@@ -69,9 +71,8 @@ def build(backbone: str, tasks, *, architecture: str = "hard", width: int = 64,
     if name not in allowed:
       raise ValueError(f"model.{name}: not a hyperparameter of architecture {architecture!r}; "
                        f"its hyperparameters: {sorted(allowed) or 'none'}")
-  return builder(backbone, tasks, width=width, output_stride=output_stride, stem=stem,
-                 head_hidden=head_hidden, dtype=dtype, **kwargs)
+  return builder(backbone, tasks, common, **kwargs)
 
 
-__all__ = ["ARCHITECTURES", "COMMON", "DeepSupervision", "MultiTaskModel", "build", "hparams",
-           "labels", "names"]
+__all__ = ["ARCHITECTURES", "COMMON", "Common", "DeepSupervision", "MultiTaskModel", "build",
+           "hparams", "labels", "names"]

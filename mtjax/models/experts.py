@@ -59,9 +59,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtjax.models import backbones, multitask
+from mtjax.models import backbones, labels, multitask
 from mtjax.models.labels import SHARED
-from mtjax.models.multitask import AUX_LOSSES
+from mtjax.models.multitask import AUX_LOSSES, Common
 
 # ----------------------------------------------------------------------------------------------
 # Experts: runs of backbone stages (:class:`backbones.Stages`).
@@ -186,24 +186,11 @@ def _uniform(scale):
 # Models.
 
 
-def _name_table(model) -> dict:
-  """``{top-level Linen name: label}`` of a model's submodules (Linen names list and dict
-  attributes ``<attr>_<key>``); the trunk is labelled by stage elsewhere."""
-  table = {}
-  for t in model.heads:
-    table[f"heads_{t}"] = f"{t}/head"
-  for attr, label in model.label_names():
-    table[attr] = label
-  return table
-
-
 def _label(model, path) -> str:
-  if path[0] == "trunk":
-    return f"{SHARED}/{model.trunk.param_group(path[1:])}"
-  label = _name_table(model).get(path[0])
-  if label is None:
-    raise ValueError(f"parameter path {path}: not a part of this {type(model).__name__} model")
-  return label
+  """The label of ``path`` from the model's ``label_names()`` and its heads; the trunk is
+  labelled by stage (:func:`mtjax.models.labels.from_table`)."""
+  table = {**labels.heads_table(model.heads, "{}/head"), **dict(model.label_names())}
+  return labels.from_table(table, path, type(model).__name__, trunk=("trunk", model.trunk))
 
 
 def _sow_gate(module, task: str, weights, extras):
@@ -386,10 +373,9 @@ class ProgressiveLayeredExtraction(nn.Module):
 # Builders.
 
 
-def _hard(backbone, tasks, width, output_stride, stem, head_hidden, dtype):
+def _hard(backbone, tasks, common):
   """The backbone and heads of the hard-sharing model (its argument checks included)."""
-  hard = multitask.build(backbone, tasks, width=width, output_stride=output_stride, stem=stem,
-                         head_hidden=head_hidden, dtype=dtype)
+  hard = multitask.build(backbone, tasks, common)
   if SHARED in tasks:
     raise ValueError(f"tasks: a task may not be named {SHARED!r} (the shared parameters' label)")
   return hard.backbone, dict(hard.heads)
@@ -409,8 +395,7 @@ def _split(resnet, field: str, stages: int):
   return backbones.part(resnet, 0, n - stages), n - stages + 1
 
 
-def build_mmoe(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int = 32,
-               stem: str = "imagenet", head_hidden: int = 64, dtype: str = "float32",
+def build_mmoe(backbone: str, tasks: Mapping, common: Common, *,
                num_experts: int = 4, expert_stages: int = 1) -> MixtureOfExperts:
   """MMoE (Ma et al., 2018): ``num_experts`` shared experts (copies of the last
   ``expert_stages`` stages), a softmax gate and a head per task.
@@ -418,7 +403,7 @@ def build_mmoe(backbone: str, tasks: Mapping, *, width: int = 64, output_stride:
   Defaults: 4 experts (LibMTL's examples use 2; 4 matches ``dselect_k``'s default so the two
   gates can be compared on the same experts), one stage per expert.
   """
-  resnet, heads = _hard(backbone, tasks, width, output_stride, stem, head_hidden, dtype)
+  resnet, heads = _hard(backbone, tasks, common)
   _check_count("num_experts", num_experts)
   trunk, first = _split(resnet, "expert_stages", expert_stages)
   n = len(resnet.stage_sizes)
@@ -426,8 +411,7 @@ def build_mmoe(backbone: str, tasks: Mapping, *, width: int = 64, output_stride:
   return MixtureOfExperts(trunk, experts, {t: SoftmaxGate(num_experts) for t in tasks}, heads)
 
 
-def build_dselect_k(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int = 32,
-                    stem: str = "imagenet", head_hidden: int = 64, dtype: str = "float32",
+def build_dselect_k(backbone: str, tasks: Mapping, common: Common, *,
                     num_experts: int = 4, num_nonzeros: int = 2, gamma: float = 1.0,
                     entropy_reg: float = 1e-6, expert_stages: int = 1) -> MixtureOfExperts:
   """DSelect-k (Hazimeh et al., 2021): MMoE's experts with a per-task, per-example DSelect-k
@@ -448,7 +432,7 @@ def build_dselect_k(backbone: str, tasks: Mapping, *, width: int = 64, output_st
   (its loop leaves ``selector_outputs`` of the last task) and calls ``backward`` itself; here
   every task's gate is regularised.
   """
-  resnet, heads = _hard(backbone, tasks, width, output_stride, stem, head_hidden, dtype)
+  resnet, heads = _hard(backbone, tasks, common)
   _check_count("num_experts", num_experts)
   if num_experts & (num_experts - 1):
     raise ValueError(f"model.num_experts: dselect_k needs a power of 2 (its experts are binary "
@@ -469,14 +453,13 @@ def build_dselect_k(backbone: str, tasks: Mapping, *, width: int = 64, output_st
   return MixtureOfExperts(trunk, experts, gates, heads)
 
 
-def build_cgc(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int = 32,
-              stem: str = "imagenet", head_hidden: int = 64, dtype: str = "float32",
+def build_cgc(backbone: str, tasks: Mapping, common: Common, *,
               num_shared_experts: int = 1, num_task_experts: int = 1,
               expert_stages: int = 1) -> CustomizedGateControl:
   """CGC (Tang et al., 2020): ``num_shared_experts`` shared experts, ``num_task_experts`` of
   each task's own, a softmax gate and a head per task. Defaults: one of each (LibMTL's examples).
   """
-  resnet, heads = _hard(backbone, tasks, width, output_stride, stem, head_hidden, dtype)
+  resnet, heads = _hard(backbone, tasks, common)
   _check_count("num_shared_experts", num_shared_experts, 0)
   _check_count("num_task_experts", num_task_experts, 0)
   if num_shared_experts + num_task_experts == 0:
@@ -490,8 +473,7 @@ def build_cgc(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: 
   return CustomizedGateControl(trunk, shared, own, gates, heads)
 
 
-def build_ple(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int = 32,
-              stem: str = "imagenet", head_hidden: int = 64, dtype: str = "float32",
+def build_ple(backbone: str, tasks: Mapping, common: Common, *,
               num_shared_experts: int = 1, num_task_experts: int = 1,
               num_levels: int = 2) -> ProgressiveLayeredExtraction:
   """PLE (Tang et al., 2020): ``num_levels`` extraction levels, each one backbone stage (the
@@ -499,7 +481,7 @@ def build_ple(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: 
   experts per level. Defaults: one of each (LibMTL's examples), 2 levels (the paper's
   multi-level model; LibMTL uses one level per ResNet stage and the stem, 5).
   """
-  resnet, heads = _hard(backbone, tasks, width, output_stride, stem, head_hidden, dtype)
+  resnet, heads = _hard(backbone, tasks, common)
   _check_count("num_shared_experts", num_shared_experts, 1,
                why=" (without shared experts the levels share nothing: use cgc)")
   _check_count("num_task_experts", num_task_experts, 0)

@@ -19,6 +19,29 @@ def label_of(model, path) -> str:
   return SHARED if labeller is None else labeller(path)
 
 
+def from_table(table, path, what: str, trunk=None) -> str:
+  """The label of the variable ``path`` from a model's ``table``, ``{top-level name: label}``.
+
+  The top-level names are the ones Linen gives a model's submodules and parameters (a dict
+  attribute ``attr`` names its entries ``attr_<key>``, a list ``attr_<i>``); the model lists
+  them from the same keys it builds its modules with, so nothing parses a name. ``trunk``:
+  ``(name, module)`` of a shared backbone, whose variables are labelled
+  ``"shared/<module.param_group(rest of the path)>"``. A path in neither raises ValueError
+  naming the model (``what``).
+  """
+  if trunk is not None and path[0] == trunk[0]:
+    return f"{SHARED}/{trunk[1].param_group(path[1:])}"
+  label = table.get(path[0])
+  if label is None:
+    raise ValueError(f"parameter path {path}: not a part of this {what} model")
+  return label
+
+
+def heads_table(heads, label: str = "{}") -> dict:
+  """``{"heads_<task>": label.format(task)}``: the rows of a ``heads`` dict attribute."""
+  return {f"heads_{task}": label.format(task) for task in heads}
+
+
 def owner(label: str) -> str:
   """``"shared"`` or the task name: the label up to its first slash."""
   return label.split("/", 1)[0]

@@ -21,9 +21,8 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mtjax.models import backbones
+from mtjax.models import backbones, labels
 from mtjax.models import heads as heads_lib
-from mtjax.models.labels import SHARED
 
 # torchvision's ImageNet statistics of RGB images in [0, 1] (torchvision.transforms.Normalize
 # in its reference training scripts): what its pretrained weights expect.
@@ -41,8 +40,6 @@ def normalize(images, input_norm: str):
   mean = jnp.asarray(IMAGENET_MEAN, images.dtype)
   std = jnp.asarray(IMAGENET_STD, images.dtype)
   return (images - mean) / std
-
-_HEAD_PREFIX = "heads_"
 
 # The collection a model sows auxiliary losses into: ``self.sow(AUX_LOSSES, name, value)`` from
 # ``__call__``, ``encode`` or ``decode`` in a training pass. They are not tasks: the train step
@@ -62,7 +59,7 @@ class DeepSupervision(NamedTuple):
 
   output: Any
   intermediate: tuple
-  weight: float = 1.0  # Linen's name for the entries of the ``heads`` dict attribute
+  weight: float = 1.0
 
 
 class MultiTaskModel(nn.Module):
@@ -104,29 +101,39 @@ class MultiTaskModel(nn.Module):
 
   def param_label(self, path) -> str:
     """``"shared/stem"``, ``"shared/stage<i>"`` for the backbone; the task name for a head."""
-    if path[0] == "backbone":
-      return f"{SHARED}/{self.backbone.param_group(path[1:])}"
-    if path[0].startswith(_HEAD_PREFIX) and path[0][len(_HEAD_PREFIX):] in self.heads:
-      return path[0][len(_HEAD_PREFIX):]
-    raise ValueError(f"parameter path {path}: not a part of this hard-sharing model")
+    return labels.from_table(labels.heads_table(self.heads), path, "hard-sharing",
+                             trunk=("backbone", self.backbone))
 
 
 def _stages_of(head) -> int:
   return int(getattr(head, "feature_stages", 1))
 
 
-def backbone_and_heads(backbone: str, tasks: Mapping, *, width: int, output_stride: int,
-                       stem: str, head_hidden: int, dtype: str, frozen_bn: bool = False):
+class Common(NamedTuple):
+  """The ``config.model`` fields every architecture's builder takes, besides the backbone's
+  name and the tasks, with ``config.model``'s defaults: the backbone's ``width`` (channels of
+  its first stage), ``output_stride``, ``stem`` (``"imagenet"`` or ``"small"``), the heads'
+  ``head_hidden`` channels and the compute ``dtype`` (``"float32"`` or ``"bfloat16"``)."""
+
+  width: int = 64
+  output_stride: int = 32
+  stem: str = "imagenet"
+  head_hidden: int = 64
+  dtype: str = "float32"
+
+
+def backbone_and_heads(backbone: str, tasks: Mapping, common: Common, *,
+                       frozen_bn: bool = False):
   """``(trunk, heads, compute dtype)``: the checked backbone and each task's own head.
 
   What every architecture's builder starts from (the common ``config.model`` fields).
   """
-  if dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"model.dtype: expected 'float32' or 'bfloat16', got {dtype!r}")
-  compute_dtype = jnp.dtype(dtype)
-  trunk = backbones.get(backbone, width=width, output_stride=output_stride, stem=stem,
-                        dtype=compute_dtype, frozen_bn=frozen_bn)
-  heads = {name: task.head(hidden=head_hidden, dtype=compute_dtype)
+  if common.dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"model.dtype: expected 'float32' or 'bfloat16', got {common.dtype!r}")
+  compute_dtype = jnp.dtype(common.dtype)
+  trunk = backbones.get(backbone, width=common.width, output_stride=common.output_stride,
+                        stem=common.stem, dtype=compute_dtype, frozen_bn=frozen_bn)
+  heads = {name: task.head(hidden=common.head_hidden, dtype=compute_dtype)
            for name, task in tasks.items()}
   return trunk, heads, compute_dtype
 
@@ -144,9 +151,8 @@ def deeplab_heads(task_heads: Mapping, *, hidden: int, dtype) -> dict:
   return out
 
 
-def build(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int = 32,
-          stem: str = "imagenet", head_hidden: int = 64, dtype: str = "float32",
-          frozen_bn: bool = False, head: str = "task", input_norm: str = "none") -> MultiTaskModel:
+def build(backbone: str, tasks: Mapping, common: Common, *, frozen_bn: bool = False,
+          head: str = "task", input_norm: str = "none") -> MultiTaskModel:
   """A hard-sharing model: backbone ``backbone`` and each task's own head (``task.head``).
 
   ``frozen_bn``: the backbone's BatchNorm uses its running statistics in training too, and its
@@ -160,9 +166,7 @@ def build(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int 
     raise ValueError(f"model.head: expected one of {heads_lib.HEADS}, got {head!r}")
   if input_norm not in INPUT_NORMS:
     raise ValueError(f"model.input_norm: expected one of {INPUT_NORMS}, got {input_norm!r}")
-  trunk, heads, compute_dtype = backbone_and_heads(
-      backbone, tasks, width=width, output_stride=output_stride, stem=stem,
-      head_hidden=head_hidden, dtype=dtype, frozen_bn=frozen_bn)
+  trunk, heads, compute_dtype = backbone_and_heads(backbone, tasks, common, frozen_bn=frozen_bn)
   if head == "deeplab":
-    heads = deeplab_heads(heads, hidden=head_hidden, dtype=compute_dtype)
+    heads = deeplab_heads(heads, hidden=common.head_hidden, dtype=compute_dtype)
   return MultiTaskModel(trunk, heads, input_norm)

@@ -60,8 +60,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtjax.models import labels
 from mtjax.models.heads import TorchBatchNorm
 from mtjax.models.labels import SHARED
+from mtjax.models.multitask import Common
 
 LEVELS = 5
 # Layers after each level's first conv: conv_block_enc / conv_block_dec of LibMTL (VGG-16: 2,
@@ -224,10 +226,7 @@ class SegNetMTAN(nn.Module):
       return _ConvLayer(channels, dtype, name=name)
 
     def block(kind, level, channels):
-      count = _EXTRA_LAYERS[level]
-      if count == 1:
-        return [layer(channels, f"{kind}_{level}")]
-      return [layer(channels, f"{kind}_{level}_{k}") for k in range(count)]
+      return [layer(channels, name) for name in _block_names(kind, level)]
 
     def run(layers, x):
       for module in layers:
@@ -281,21 +280,32 @@ class SegNetMTAN(nn.Module):
       outputs[task] = out.astype(jnp.float32)
     return outputs
 
+  def label_table(self) -> dict:
+    """``{top-level name: label}`` (see :func:`mtjax.models.labels.from_table`): the names
+    ``__call__`` gives its layers."""
+    segnet = [f"{kind}_{i}" for kind in ("encoder_block", "decoder_block") for i in range(LEVELS)]
+    segnet += [name for kind in ("conv_block_enc", "conv_block_dec") for i in range(LEVELS)
+               for name in _block_names(kind, i)]
+    return {**{name: f"{SHARED}/segnet" for name in segnet},
+            **{f"{side}_{i}": f"{SHARED}/attention"
+               for side in ("encoder_block_att", "decoder_block_att") for i in range(LEVELS)},
+            **{f"{side}_{task}_{i}": f"{SHARED}/attention/{task}" for task in self.tasks
+               for side in ("encoder_att", "decoder_att") for i in range(LEVELS)},
+            **{f"pred_{task}": task for task in self.tasks}}
+
   def param_label(self, path) -> str:
     """``"shared/segnet"``, ``"shared/attention"``, ``"shared/attention/<task>"`` (LibMTL's
     encoder: its shared parameters); ``"<task>"`` (the prediction layers)."""
-    name = path[0]
-    for task in self.tasks:
-      if name == f"pred_{task}":
-        return task
-      for side in ("encoder_att", "decoder_att"):
-        if re.fullmatch(rf"{side}_{re.escape(task)}_\d", name):
-          return f"{SHARED}/attention/{task}"
-    if re.fullmatch(r"(encoder|decoder)_block_att_\d", name):
-      return f"{SHARED}/attention"
-    if re.fullmatch(r"(encoder_block|decoder_block|conv_block_enc|conv_block_dec)_\d(_\d)?", name):
-      return f"{SHARED}/segnet"
-    raise ValueError(f"parameter path {path}: not a part of this SegNet-MTAN model")
+    return labels.from_table(self.label_table(), path, "SegNet-MTAN")
+
+
+def _block_names(kind: str, level: int) -> list[str]:
+  """The names of the layers of block ``kind`` (``conv_block_enc``, ``conv_block_dec``) at
+  ``level``: ``<kind>_<level>`` for one layer, ``<kind>_<level>_<k>`` for several."""
+  count = _EXTRA_LAYERS[level]
+  if count == 1:
+    return [f"{kind}_{level}"]
+  return [f"{kind}_{level}_{k}" for k in range(count)]
 
 
 def _out_channels(name, task) -> int:
@@ -307,14 +317,12 @@ def _out_channels(name, task) -> int:
   return channels
 
 
-def build_segnet_mtan(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int = 32,
-                      stem: str = "imagenet", head_hidden: int = 64,
-                      dtype: str = "float32") -> SegNetMTAN:
+def build_segnet_mtan(backbone: str, tasks: Mapping, common: Common) -> SegNetMTAN:
   """``segnet_mtan``: SegNet-MTAN of ``filters(width)`` channels (64: the reference's); the
   network is its own encoder, so ``config.model.backbone`` must be ``"segnet"``;
   ``output_stride`` (32: five poolings), ``stem`` and ``head_hidden`` (the prediction layers
   have ``width`` channels, as the reference) are not read."""
-  del output_stride, stem, head_hidden
+  width, dtype = common.width, common.dtype
   if backbone != "segnet":
     raise ValueError(f"model.backbone: got {backbone!r}; architecture 'segnet_mtan' is its own "
                      "encoder: expected 'segnet'")

@@ -20,26 +20,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtjax.models import backbones
+from mtjax.models import backbones, labels
 from mtjax.models.labels import SHARED
-from mtjax.models.multitask import DeepSupervision, backbone_and_heads
-
-_HEAD_PREFIX = "heads_"
+from mtjax.models.multitask import Common, DeepSupervision, backbone_and_heads
 
 
 def _stage_names(plan: backbones.Plan):
   return [f"stage{i}" for i in range(1, len(plan.stages) + 1)]
-
-
-def _head_label(heads, name):
-  """The task a head's module name belongs to, or None."""
-  if name.startswith(_HEAD_PREFIX) and name[len(_HEAD_PREFIX):] in heads:
-    return name[len(_HEAD_PREFIX):]
-  return None
-
-
-def _not_mine(path, what):
-  raise ValueError(f"parameter path {path}: not a part of this {what} model")
 
 
 def _check_int(name, value, low, high):
@@ -98,25 +85,25 @@ class PartialSharing(nn.Module):
     return {"features": features,
             **{t: self.decode(features, t, images.shape[1:3], train) for t in self.heads}}
 
+  def label_table(self) -> dict:
+    """``{top-level name: label}`` (see :func:`mtjax.models.labels.from_table`)."""
+    stages = _stage_names(self.plan)
+    shared = ["stem", *stages[:self.branch_stage]]
+    return {**{f"shared_{s}": f"{SHARED}/{s}" for s in shared},
+            **{f"branches_{t}_{s}": f"{t}/{s}" for t in self.heads
+               for s in stages[self.branch_stage:]},
+            **labels.heads_table(self.heads)}
+
   def param_label(self, path) -> str:
     """``"shared/stem"``, ``"shared/stage<i>"``; ``"<task>/stage<i>"``; ``"<task>"`` (head)."""
-    name = path[0]
-    if name.startswith("shared_"):
-      return f"{SHARED}/{name[len('shared_'):]}"
-    for task in self.heads:
-      for stage in _stage_names(self.plan):
-        if name == f"branches_{task}_{stage}":
-          return f"{task}/{stage}"
-    return _head_label(self.heads, name) or _not_mine(path, "partial-sharing")
+    return labels.from_table(self.label_table(), path, "partial-sharing")
 
 
-def build_partial(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int = 32,
-                  stem: str = "imagenet", head_hidden: int = 64, dtype: str = "float32",
+def build_partial(backbone: str, tasks: Mapping, common: Common, *,
                   branch_stage: int = 2) -> PartialSharing:
   """``partial``: shared up to stage ``branch_stage`` (default 2: for the 3-stage CPU backbone,
   one task-specific stage; 0..N allowed)."""
-  trunk, heads, _ = backbone_and_heads(backbone, tasks, width=width, output_stride=output_stride,
-                                       stem=stem, head_hidden=head_hidden, dtype=dtype)
+  trunk, heads, _ = backbone_and_heads(backbone, tasks, common)
   plan = backbones.plan_of(trunk)
   _check_int("branch_stage", branch_stage, 0, len(plan.stages))
   return PartialSharing(plan, heads, branch_stage)
@@ -182,26 +169,26 @@ class CrossStitch(nn.Module):
     return {"features": features,
             **{t: self.heads[t](features[t], images.shape[1:3], train) for t in tasks}}
 
+  def label_table(self) -> dict:
+    """``{top-level name: label}`` (see :func:`mtjax.models.labels.from_table`)."""
+    stages = _stage_names(self.plan)
+    return {**{f"columns_{t}_{p}": f"{SHARED}/{t}/{p}" for t in self.heads
+               for p in ["stem", *stages]},
+            **{f"cross_stitch_stage{i}": f"{SHARED}/cross_stitch"
+               for i in range(1, len(stages))},
+            **labels.heads_table(self.heads)}
+
   def param_label(self, path) -> str:
     """``"shared/<task>/stem"``, ``"shared/<task>/stage<i>"`` (column ``task``),
     ``"shared/cross_stitch"`` (every ``α``), ``"<task>"`` (head)."""
-    name = path[0]
-    if name.startswith("cross_stitch_stage"):
-      return f"{SHARED}/cross_stitch"
-    for task in self.heads:
-      for part in ["stem", *_stage_names(self.plan)]:
-        if name == f"columns_{task}_{part}":
-          return f"{SHARED}/{task}/{part}"
-    return _head_label(self.heads, name) or _not_mine(path, "cross-stitch")
+    return labels.from_table(self.label_table(), path, "cross-stitch")
 
 
-def build_cross_stitch(backbone: str, tasks: Mapping, *, width: int = 64,
-                       output_stride: int = 32, stem: str = "imagenet", head_hidden: int = 64,
-                       dtype: str = "float32", alpha_self: float = 0.9) -> CrossStitch:
+def build_cross_stitch(backbone: str, tasks: Mapping, common: Common, *,
+                       alpha_self: float = 0.9) -> CrossStitch:
   """``cross_stitch``: ``alpha_self`` (default 0.9, Misra et al. §5): the initial weight of a
   task's own column in each unit, the rest spread evenly over the others."""
-  trunk, heads, _ = backbone_and_heads(backbone, tasks, width=width, output_stride=output_stride,
-                                       stem=stem, head_hidden=head_hidden, dtype=dtype)
+  trunk, heads, _ = backbone_and_heads(backbone, tasks, common)
   if not isinstance(alpha_self, (int, float)) or not 0.0 <= alpha_self <= 1.0:
     raise ValueError(f"model.alpha_self: got {alpha_self!r}; expected a float in [0, 1]")
   return CrossStitch(backbones.plan_of(trunk), heads, float(alpha_self))
@@ -306,24 +293,25 @@ class MTAN(nn.Module):
     return {"features": features,
             **{t: self.decode(features, t, images.shape[1:3], train) for t in self.heads}}
 
+  def label_table(self) -> dict:
+    """``{top-level name: label}`` (see :func:`mtjax.models.labels.from_table`)."""
+    n = len(backbones.plan_of(self.backbone).stages)
+    return {**{f"attention_{t}_stage{i}": f"{t}/attention" for t in self.heads
+               for i in range(1, n + 1)},
+            **{f"transfer_{t}_stage{i}": f"{t}/attention" for t in self.heads
+               for i in range(1, n)},
+            **labels.heads_table(self.heads)}
+
   def param_label(self, path) -> str:
     """``"shared/stem"``, ``"shared/stage<i>"`` (backbone); ``"<task>/attention"`` (its masks
     and ``f``); ``"<task>"`` (head)."""
-    name = path[0]
-    if name == "backbone":
-      return f"{SHARED}/{self.backbone.param_group(path[1:])}"
-    for task in self.heads:
-      for kind in ("attention", "transfer"):
-        if name.startswith(f"{kind}_{task}_stage") and name[len(f"{kind}_{task}_stage"):].isdigit():
-          return f"{task}/attention"
-    return _head_label(self.heads, name) or _not_mine(path, "MTAN")
+    return labels.from_table(self.label_table(), path, "MTAN",
+                             trunk=("backbone", self.backbone))
 
 
-def build_mtan(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int = 32,
-               stem: str = "imagenet", head_hidden: int = 64, dtype: str = "float32") -> MTAN:
+def build_mtan(backbone: str, tasks: Mapping, common: Common) -> MTAN:
   """``mtan``: no hyperparameters beyond the backbone's."""
-  trunk, heads, _ = backbone_and_heads(backbone, tasks, width=width, output_stride=output_stride,
-                                       stem=stem, head_hidden=head_hidden, dtype=dtype)
+  trunk, heads, _ = backbone_and_heads(backbone, tasks, common)
   return MTAN(trunk, heads)
 
 
@@ -404,35 +392,32 @@ class PADNet(nn.Module):
     return {"features": features,
             **{t: self.decode(features, t, images.shape[1:3], train) for t in self.heads}}
 
+  def label_table(self) -> dict:
+    """``{top-level name: label}`` (see :func:`mtjax.models.labels.from_table`)."""
+    return {**{f"intermediate_{k}": f"{SHARED}/pad_net/{k}" for k in self.heads},
+            **{f"gates_{k}": f"{k}/distillation" for k in self.heads},
+            **{f"messages_{src}_to_{k}": f"{k}/distillation" for k in self.heads
+               for src in self.heads if src != k},
+            **{f"intermediate_heads_{k}": f"{k}/intermediate" for k in self.heads},
+            **labels.heads_table(self.heads)}
+
   def param_label(self, path) -> str:
     """``"shared/stem"``, ``"shared/stage<i>"``, ``"shared/pad_net/<t>"`` (encoder);
     ``"<k>/distillation"`` (its gate and incoming messages), ``"<k>/intermediate"``,
     ``"<k>"`` (final head)."""
-    name = path[0]
-    if name == "backbone":
-      return f"{SHARED}/{self.backbone.param_group(path[1:])}"
-    for k in self.heads:
-      if name == f"intermediate_{k}":
-        return f"{SHARED}/pad_net/{k}"
-      if name == f"gates_{k}" or any(name == f"messages_{src}_to_{k}" for src in self.heads):
-        return f"{k}/distillation"
-      if name == f"intermediate_heads_{k}":
-        return f"{k}/intermediate"
-    return _head_label(self.heads, name) or _not_mine(path, "PAD-Net")
+    return labels.from_table(self.label_table(), path, "PAD-Net",
+                             trunk=("backbone", self.backbone))
 
 
-def build_pad_net(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int = 32,
-                  stem: str = "imagenet", head_hidden: int = 64, dtype: str = "float32",
+def build_pad_net(backbone: str, tasks: Mapping, common: Common, *,
                   intermediate_weight: float = 1.0) -> PADNet:
   """``pad_net``: ``intermediate_weight`` (default 1.0, the paper's plain sum): the weight of
   the intermediate predictions' losses in each task's loss."""
-  trunk, heads, compute_dtype = backbone_and_heads(
-      backbone, tasks, width=width, output_stride=output_stride, stem=stem,
-      head_hidden=head_hidden, dtype=dtype)
+  trunk, heads, compute_dtype = backbone_and_heads(backbone, tasks, common)
   if not isinstance(intermediate_weight, (int, float)) or intermediate_weight < 0:
     raise ValueError(f"model.intermediate_weight: got {intermediate_weight!r}; expected a "
                      "float >= 0")
-  intermediate_heads = {name: task.head(hidden=head_hidden, dtype=compute_dtype)
+  intermediate_heads = {name: task.head(hidden=common.head_hidden, dtype=compute_dtype)
                         for name, task in tasks.items()}
   return PADNet(trunk, heads, intermediate_heads, float(intermediate_weight))
 
@@ -505,25 +490,24 @@ class LearnToBranch(nn.Module):
     return {"features": features,
             **{t: self.heads[t](features[t], images.shape[1:3], train) for t in tasks}}
 
+  def label_table(self) -> dict:
+    """``{top-level name: label}`` (see :func:`mtjax.models.labels.from_table`)."""
+    stages = _stage_names(self.plan)
+    return {**{f"nodes_{t}_{p}": f"{SHARED}/{t}/{p}" for t in self.heads
+               for p in ["stem", *stages]},
+            **{f"branch_stage{i}": f"{SHARED}/branching" for i in range(1, len(stages) + 1)},
+            **labels.heads_table(self.heads)}
+
   def param_label(self, path) -> str:
     """``"shared/<t>/stem"``, ``"shared/<t>/stage<i>"`` (node ``t``), ``"shared/branching"``
     (the logits), ``"<task>"`` (head)."""
-    name = path[0]
-    if name.startswith("branch_stage"):
-      return f"{SHARED}/branching"
-    for task in self.heads:
-      for part in ["stem", *_stage_names(self.plan)]:
-        if name == f"nodes_{task}_{part}":
-          return f"{SHARED}/{task}/{part}"
-    return _head_label(self.heads, name) or _not_mine(path, "learning-to-branch")
+    return labels.from_table(self.label_table(), path, "learning-to-branch")
 
 
-def build_ltb(backbone: str, tasks: Mapping, *, width: int = 64, output_stride: int = 32,
-              stem: str = "imagenet", head_hidden: int = 64, dtype: str = "float32",
+def build_ltb(backbone: str, tasks: Mapping, common: Common, *,
               temperature: float = 1.0) -> LearnToBranch:
   """``ltb``: ``temperature`` (default 1.0, the Gumbel-softmax's τ; constant, see the class)."""
-  trunk, heads, _ = backbone_and_heads(backbone, tasks, width=width, output_stride=output_stride,
-                                       stem=stem, head_hidden=head_hidden, dtype=dtype)
+  trunk, heads, _ = backbone_and_heads(backbone, tasks, common)
   if not isinstance(temperature, (int, float)) or not temperature > 0:
     raise ValueError(f"model.temperature: got {temperature!r}; expected a float > 0")
   return LearnToBranch(backbones.plan_of(trunk), heads, float(temperature))

@@ -82,7 +82,7 @@ def test_output_shapes_and_parameter_count_formula(name, backbone, overrides):
   tasks = tiny_tasks()
   width = 4 if backbone == "resnet50" else 8
   kw = {**KW, "width": width}
-  model = experts.ARCHITECTURES[name](backbone, tasks, **kw, **overrides)
+  model = experts.ARCHITECTURES[name](backbone, tasks, models.Common(**kw), **overrides)
   hard = build(backbone, tasks, **kw)
   out, variables = _shapes(model)
   hard_out, hard_vars = _shapes(hard)
@@ -110,7 +110,7 @@ def test_output_shapes_and_parameter_count_formula(name, backbone, overrides):
 def test_mmoe_with_one_expert_is_hard_sharing():
   tasks = tiny_tasks(TWO)
   hard = build("resnet_tiny", tasks, **KW)
-  mmoe = experts.build_mmoe("resnet_tiny", tasks, **KW, num_experts=1)
+  mmoe = experts.build_mmoe("resnet_tiny", tasks, models.Common(**KW), num_experts=1)
   images = jnp.asarray(scenes(4, size=16)["image"])
   rng = np.random.default_rng(0)  # random variables of the right shapes: no init to compile
   hv = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype),
@@ -223,7 +223,9 @@ def test_bad_hyperparameters_name_the_field():
   ]
   for builder, kwargs, message in cases:
     with pytest.raises(ValueError, match=message):
-      builder("resnet_tiny", tasks, **{**KW, **kwargs})
+      common = {k: v for k, v in {**KW, **kwargs}.items() if k in models.COMMON}
+      hparams = {k: v for k, v in kwargs.items() if k not in models.COMMON}
+      builder("resnet_tiny", tasks, models.Common(**common), **hparams)
   assert models.hparams("dselect_k") == {"num_experts": 4, "num_nonzeros": 2, "gamma": 1.0,
                                           "entropy_reg": 1e-6, "expert_stages": 1}
   with pytest.raises(ValueError, match="model.architecture"):
