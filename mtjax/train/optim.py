@@ -7,6 +7,8 @@ unfreezing it later continues where it stopped. Without scales or frozen groups 
 is the plain transformation.
 """
 
+from typing import NamedTuple
+
 import flax.traverse_util as traverse
 import jax
 import optax
@@ -17,7 +19,32 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "step")
 
 
-def make_schedule(cfg, num_steps: int):
+class OptimizerSpec(NamedTuple):
+  """``config.optimizer`` resolved (:func:`mtjax.train.setup.optimizer_spec`); its values are
+  checked where they are used (:func:`make_schedule`, :func:`check_groups`, the optimizer's
+  name when it is made), each error naming ``optimizer.<field>``.
+
+  ``name``: one of :data:`OPTIMIZERS`; ``learning_rate``: the peak learning rate;
+  ``schedule``: one of :data:`SCHEDULES`, with ``warmup_steps`` (``warmup_cosine``) and
+  ``step_size``, ``gamma`` (``step``; 0: unset); ``momentum`` (SGD's; 0: none),
+  ``weight_decay`` (0: none), ``grad_clip`` (the global norm clipped to; 0: none);
+  ``lr_scale``: ``((label prefix, scale), ...)``; ``frozen``: label prefixes.
+  """
+
+  name: str
+  learning_rate: float
+  schedule: str
+  warmup_steps: int = 0
+  momentum: float = 0.0
+  weight_decay: float = 0.0
+  grad_clip: float = 0.0
+  step_size: int = 0
+  gamma: float = 0.0
+  lr_scale: tuple = ()
+  frozen: tuple = ()
+
+
+def make_schedule(cfg: OptimizerSpec, num_steps: int):
   """The learning rate of each step: ``constant``, ``cosine`` (to 0 at ``num_steps``),
   ``warmup_cosine`` (linear from 0 over ``warmup_steps``, then cosine), or ``step``:
   ``learning_rate · gamma ** floor(step / step_size)``, ``torch.optim.lr_scheduler.StepLR``.
@@ -31,7 +58,7 @@ def make_schedule(cfg, num_steps: int):
   if cfg.schedule == "constant":
     return optax.constant_schedule(cfg.learning_rate)
   if cfg.schedule == "step":
-    step_size, gamma = cfg.get("step_size", 0), cfg.get("gamma", 0.0)
+    step_size, gamma = cfg.step_size, cfg.gamma
     if not isinstance(step_size, int) or isinstance(step_size, bool) or step_size < 1:
       raise ValueError(f"optimizer.step_size: got {step_size!r}; expected an int >= 1 (optimizer "
                        "steps between two decays of the 'step' schedule)")
@@ -45,7 +72,7 @@ def make_schedule(cfg, num_steps: int):
                                             max(num_steps, cfg.warmup_steps + 1))
 
 
-def _base(cfg, schedule) -> optax.GradientTransformation:
+def _base(cfg: OptimizerSpec, schedule) -> optax.GradientTransformation:
   if cfg.name not in OPTIMIZERS:
     raise ValueError(f"optimizer.name: got {cfg.name!r}; expected one of {OPTIMIZERS}")
   if cfg.name == "sgd":
@@ -73,14 +100,12 @@ def freeze(inner: optax.GradientTransformation) -> optax.GradientTransformation:
   return optax.GradientTransformation(inner.init, update)
 
 
-def group_rules(cfg) -> tuple[dict, tuple]:
-  """``({prefix: lr scale}, frozen prefixes)`` of an optimizer config (empty when absent)."""
-  scales = dict(cfg.get("lr_scale", None) or ())
-  frozen = tuple(cfg.get("frozen", None) or ())
-  return scales, frozen
+def group_rules(cfg: OptimizerSpec) -> tuple[dict, tuple]:
+  """``({prefix: lr scale}, frozen prefixes)`` of an optimizer (empty when it has none)."""
+  return dict(cfg.lr_scale), tuple(cfg.frozen)
 
 
-def check_groups(cfg, group_names) -> None:
+def check_groups(cfg: OptimizerSpec, group_names) -> None:
   """Raises ValueError if a scale or frozen prefix matches none of the model's ``group_names``."""
   scales, frozen = group_rules(cfg)
   for field, prefixes in (("lr_scale", tuple(scales)), ("frozen", frozen)):
@@ -94,9 +119,10 @@ def check_groups(cfg, group_names) -> None:
                        "number >= 0")
 
 
-def make_optimizer(cfg, num_steps: int, label_fn=None) -> optax.GradientTransformation:
-  """``cfg``: name, learning_rate, schedule, warmup_steps, momentum, weight_decay, grad_clip,
-  and optionally lr_scale / frozen; ``label_fn(params)`` gives the labels (needed with groups).
+def make_optimizer(cfg: OptimizerSpec, num_steps: int,
+                   label_fn=None) -> optax.GradientTransformation:
+  """The optimizer of ``cfg`` over ``num_steps`` steps; ``label_fn(params)`` gives the labels
+  (needed with ``lr_scale`` or ``frozen`` groups).
   """
   schedule = make_schedule(cfg, num_steps)
   scales, frozen = group_rules(cfg)
@@ -119,7 +145,8 @@ def make_optimizer(cfg, num_steps: int, label_fn=None) -> optax.GradientTransfor
       transforms, lambda params: jax.tree_util.tree_map(rule, label_fn(params)))
 
 
-def make_grouped_optimizer(cfg, num_steps: int, label_fn) -> optax.GradientTransformationExtraArgs:
+def make_grouped_optimizer(cfg: OptimizerSpec, num_steps: int,
+                           label_fn) -> optax.GradientTransformationExtraArgs:
   """One independent copy of the configured optimizer per parameter group (label), for the
   strategies (:mod:`mtjax.train.strategies`): ``update(grads, state, params, frozen=prefixes)``
   gives the groups in ``frozen`` a zero update and keeps their state bitwise, so a group

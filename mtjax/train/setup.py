@@ -142,14 +142,14 @@ def build(cfg) -> Experiment:
   with building():
     meta_lib.check_meta_split(method, cfg.meta_split)
   with building():
-    if any(optim.group_rules(cfg.optimizer)):  # the groups cost a trace of the model
-      optim.check_groups(cfg.optimizer, _groups(model, cfg))
+    spec = optimizer_spec(cfg)
+    if any(optim.group_rules(spec)):  # the groups cost a trace of the model
+      optim.check_groups(spec, _groups(model, cfg))
     strategy = cfg.get("strategy", "end_to_end")
     strategies.check(strategy, cfg.get("phases", None), tuple(cfg.tasks), method.level)
     make = optim.make_optimizer if strategy == "end_to_end" else optim.make_grouped_optimizer
-    optimizer = make(optimizer_config(cfg), cfg.num_steps,
-                     functools.partial(labels.label_tree, model))
-    schedule = optim.make_schedule(cfg.optimizer, cfg.num_steps)
+    optimizer = make(spec, cfg.num_steps, functools.partial(labels.label_tree, model))
+    schedule = optim.make_schedule(spec, cfg.num_steps)
   label_keys = tuple(dict.fromkeys(k for task in tasks.values()
                                    for k in tasks_lib.label_keys(task)))
   return Experiment(model, tasks, method, optimizer, schedule, label_keys)
@@ -167,14 +167,21 @@ def check_evaluators(tasks) -> None:
         raise UserError(f"config.tasks: task {name!r}: {e}") from None
 
 
-def optimizer_config(cfg):
-  """``config.optimizer``, with the backbone's BatchNorm group ``"shared/bn"`` frozen when
-  ``config.model.frozen_bn`` is set."""
-  if not cfg.model.get("frozen_bn", False):
-    return cfg.optimizer
-  opt = cfg.optimizer.copy_and_resolve_references()
-  opt.frozen = (*optim.group_rules(cfg.optimizer)[1], f"{labels.SHARED}/bn")
-  return opt
+def optimizer_spec(cfg) -> optim.OptimizerSpec:
+  """``config.optimizer`` as an :class:`mtjax.train.optim.OptimizerSpec`, with the backbone's
+  BatchNorm group ``"shared/bn"`` frozen when ``config.model.frozen_bn`` is set; absent
+  optional fields (``step_size``, ``gamma``, ``lr_scale``, ``frozen``) take the spec's
+  defaults."""
+  opt = cfg.optimizer
+  defaults = optim.OptimizerSpec._field_defaults
+  frozen = tuple(opt.get("frozen", None) or ())
+  if cfg.model.get("frozen_bn", False):
+    frozen = (*frozen, f"{labels.SHARED}/bn")
+  return optim.OptimizerSpec(
+      name=opt.name, learning_rate=opt.learning_rate, schedule=opt.schedule,
+      **{f: opt.get(f, defaults[f]) for f in ("warmup_steps", "momentum", "weight_decay",
+                                              "grad_clip", "step_size", "gamma")},
+      lr_scale=tuple(dict(opt.get("lr_scale", None) or ()).items()), frozen=frozen)
 
 
 def _shapes(model, cfg):
@@ -235,7 +242,7 @@ def step_options(cfg, exp: Experiment) -> trainer_lib.StepOptions:
   default = trainer_lib.StepOptions()
   return trainer_lib.StepOptions(
       image_shape=(*cfg.dataset.image_size, 3), batch_size=cfg.batch_size,
-      grad_level=cfg.grad_level, frozen=tuple(optim.group_rules(optimizer_config(cfg))[1]),
+      grad_level=cfg.grad_level, frozen=optimizer_spec(cfg).frozen,
       lookahead_lr=exp.schedule, nonfinite=cfg.get("nonfinite", default.nonfinite),
       max_consecutive_skips=cfg.get("max_consecutive_skips", default.max_consecutive_skips),
       task_chunk=cfg.get("task_chunk", 0), conflict_every=sched.conflict,

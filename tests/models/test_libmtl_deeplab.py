@@ -11,7 +11,6 @@ import pathlib
 import flax.traverse_util as traverse
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -214,9 +213,9 @@ def test_adam_coupled_weight_decay_and_steplr_equal_torch(ref):
   """``torch.optim.Adam(lr, weight_decay)`` (decay added to the gradient) with ``StepLR``
   stepped once per 2-step epoch, step_size 2 epochs: mtjax's ``adam`` + ``step`` schedule
   with step_size 4 steps."""
-  cfg = ml_collections.ConfigDict({
-      "name": "adam", "learning_rate": 1e-2, "schedule": "step", "step_size": 4, "gamma": 0.5,
-      "warmup_steps": 0, "momentum": 0.9, "weight_decay": 0.1, "grad_clip": 0.0})
+  cfg = optim.OptimizerSpec(name="adam", learning_rate=1e-2, schedule="step", step_size=4,
+                            gamma=0.5, warmup_steps=0, momentum=0.9, weight_decay=0.1,
+                            grad_clip=0.0)
   opt = optim.make_optimizer(cfg, 10)
   params = jnp.asarray(ref["adam_p0"])
   state = opt.init(params)
@@ -228,11 +227,11 @@ def test_adam_coupled_weight_decay_and_steplr_equal_torch(ref):
 
 
 def test_step_schedule_checks_its_fields():
-  cfg = ml_collections.ConfigDict({"schedule": "step", "learning_rate": 1e-4, "step_size": 0,
-                                   "gamma": 0.5})
+  cfg = optim.OptimizerSpec(name="adam", schedule="step", learning_rate=1e-4, step_size=0,
+                            gamma=0.5)
   with pytest.raises(ValueError, match="optimizer.step_size"):
     optim.make_schedule(cfg, 10)
-  cfg.step_size, cfg.gamma = 3, 2.0
+  cfg = cfg._replace(step_size=3, gamma=2.0)
   with pytest.raises(ValueError, match="optimizer.gamma"):
     optim.make_schedule(cfg, 10)
 

@@ -104,7 +104,7 @@ def test_frozen_bn_group_and_statistics(tmp_path):
       lambda a, b: bool(np.array_equal(a, b)), updates["batch_stats"], variables["batch_stats"]))
   # The loop freezes "shared/bn" on top of the configured groups; a bad path names the field.
   cfg = tiny_config(tmp_path, **{"model.frozen_bn": True})
-  assert setup.optimizer_config(cfg).frozen == (f"{labels.SHARED}/bn",)
+  assert setup.optimizer_spec(cfg).frozen == (f"{labels.SHARED}/bn",)
   cfg = tiny_config(tmp_path, **{"model.pretrained": str(tmp_path / "weights.bin")})
   with pytest.raises(UserError, match=r"config.model.pretrained: .*\.safetensors"):
     setup.build(cfg)

@@ -244,17 +244,15 @@ def test_bad_group_names_fail_early(data_dir, tmp_path):
 
 
 def test_lr_scale_scales_the_update():
-  from ml_collections import ConfigDict
-
   from mtjax.train import optim
   model = TwoLeafFeatures()
   params = model.init(jax.random.PRNGKey(0), _data()["image"])["params"]
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
   base = dict(name="sgd", learning_rate=0.1, schedule="constant", warmup_steps=0, momentum=0.0,
               weight_decay=0.0, grad_clip=0.0)
-  plain = optim.make_optimizer(ConfigDict(base), 10)
-  grouped = optim.make_optimizer(ConfigDict({**base, "lr_scale": (("shared", 0.5),),
-                                             "frozen": ("b",)}), 10,
+  plain = optim.make_optimizer(optim.OptimizerSpec(**base), 10)
+  grouped = optim.make_optimizer(optim.OptimizerSpec(**base, lr_scale=(("shared", 0.5),),
+                                                     frozen=("b",)), 10,
                                  lambda p: labels.label_tree(model, p))
   u_plain, _ = plain.update(grads, plain.init(params), params)
   u_group, _ = grouped.update(grads, grouped.init(params), params)

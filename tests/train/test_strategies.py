@@ -4,7 +4,6 @@ import functools
 import json
 
 import jax
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -48,7 +47,7 @@ def test_bad_strategies_are_refused_naming_the_field(strategy, phases, level, ma
 
 
 def _opt_config(**fields):
-  return ml_collections.ConfigDict({
+  return optim.OptimizerSpec(**{
       "name": "adam", "learning_rate": 0.01, "schedule": "constant", "warmup_steps": 0,
       "momentum": 0.9, "weight_decay": 0.0, "grad_clip": 0.0, "lr_scale": (), "frozen": (),
       **fields})
