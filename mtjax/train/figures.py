@@ -103,7 +103,7 @@ def grid_image(images, targets: dict, predictions: dict, num_classes: dict) -> n
   images = np.asarray(images, np.float32)
   lo, hi = float(images.min()), float(images.max())
   shown = _shown(targets, predictions)
-  segmentation = next((name for name, kind in shown if kind == "classes"), None)
+  class_map = next((name for name, kind in shown if kind == "classes"), None)
   rows = []
   for n in range(images.shape[0]):
     image = (images[n] - lo) / max(hi - lo, 1e-8)
@@ -111,8 +111,8 @@ def grid_image(images, targets: dict, predictions: dict, num_classes: dict) -> n
     for name, kind in shown:
       pred = predictions[name]
       if kind == "drawn":
-        k = num_classes.get(segmentation, 0)
-        for seg in (targets.get(segmentation), predictions.get(segmentation)):
+        k = num_classes.get(class_map, 0)
+        for seg in (targets.get(class_map), predictions.get(class_map)):
           cells.append(overlay(image, None if seg is None else seg[n], k))
         continue
       target = np.asarray(targets[name][n])
