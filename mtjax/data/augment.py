@@ -103,9 +103,11 @@ def scale_crop(example: dict, rng: np.random.Generator, scales=SCALES, tasks=())
 AUGMENTATIONS = {"hflip": hflip, "scale_crop": scale_crop}
 
 
-def compose(names, tasks=()) -> object:
-  """One ``fn(example, rng)`` applying ``names`` in order, with the labels of ``tasks``; None
-  for no augmentation."""
+def compose(names, tasks) -> object:
+  """One ``fn(example, rng)`` applying ``names`` in order, with the labels of ``tasks`` (their
+  ``augment`` rules: normals' x negated under a flip, depth divided by the scale, boxes moved;
+  required, so that no caller silently leaves them out; ``()`` moves the maps only); None for
+  no augmentation."""
   names, tasks = tuple(names), tuple(tasks)
   unknown = [n for n in names if n not in AUGMENTATIONS]
   if unknown:

@@ -180,6 +180,6 @@ def test_bilinear_matches_a_float64_reference():
 
 
 def test_compose_names_and_errors():
-  assert augment.compose(()) is None
+  assert augment.compose((), ()) is None
   with pytest.raises(ValueError, match=r"augment: unknown \['rotate'\]; allowed.*hflip"):
-    augment.compose(("hflip", "rotate"))
+    augment.compose(("hflip", "rotate"), ())
