@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from benchmarks.step_time import write_result
+from mtjax import tasks
 from mtjax.data import augment, pipeline, sources
 from mtjax.train import step as step_lib
 
@@ -108,7 +109,9 @@ def main(argv=None):
                              mesh=mesh)))
   print(rows[-1], flush=True)
   hw = tuple(args.image_size)
-  transform = augment.compose(("scale_crop", "hflip"))
+  transform = augment.compose(("scale_crop", "hflip"),
+                              [tasks.get("segmentation", num_classes=13), tasks.get("depth"),
+                               tasks.get("normals")])
   with tempfile.TemporaryDirectory() as root:
     _mock_nyuv2(root, args.examples, hw)
     source = sources.preprocessed_source(root, "train", num_classes=13, normals=True)

@@ -1,19 +1,20 @@
 """Augmentations that keep every label consistent with the image, on one example in numpy.
 
-Each is ``fn(example, rng) -> example``: the example is a dict in mtjax's batch conventions
-(``mtjax.data.sources``), ``rng`` a ``np.random.Generator`` (the pipeline draws it from
-``(seed, epoch, index)``). Dense keys are those shaped (H, W, ...) like the image:
-``image`` and ``normals`` are resampled bilinearly, everything else (class ids, instance ids,
-depth, validity masks) by nearest neighbour, so that no label takes a value it never had.
+Each is ``fn(example, rng, tasks=()) -> example``: the example is a dict in mtjax's batch
+conventions (``mtjax.data.sources``), ``rng`` a ``np.random.Generator`` (the pipeline draws it
+from ``(seed, epoch, index)``), ``tasks`` the :class:`~mtjax.tasks.base.Task` values whose labels
+the example carries. Dense keys are those shaped (H, W, ...) like the image: ``image`` and the
+tasks' ``bilinear_keys`` are resampled bilinearly, everything else (class ids, instance ids,
+depth, validity masks) by nearest neighbour, so that no label takes a value it never had. What
+else a label needs (the x of a normal negated, depth divided by the scale, boxes mirrored or
+cropped) is its task's ``augment[name](labels, **params)``.
 
-  * :func:`hflip` (probability 1/2): mirrors every dense key, negates the x component of the
-    normals (camera x points right) and mirrors the boxes.
+  * :func:`hflip` (probability 1/2): mirrors every dense key.
   * :func:`scale_crop`: the random scale-crop of MTAN's / LibMTL's NYUv2 protocol (credited
     there to Jialong Wu, lorenmt/mtan#34): a scale ``s`` from (1.0, 1.2, 1.5), a random crop of
-    ``(int(H / s), int(W / s))`` resized back to (H, W) (image and normals bilinear with
-    ``align_corners=True``, labels and depth nearest as ``F.interpolate(mode="nearest")``), and
-    depth divided by ``s`` (the scene seen ``s`` times closer). Boxes are cropped and clipped;
-    a box that leaves the crop becomes padding.
+    ``(int(H / s), int(W / s))`` resized back to (H, W) (bilinear with ``align_corners=True``,
+    nearest as ``F.interpolate(mode="nearest")``); the tasks receive ``scale``, ``crop`` and
+    ``size``.
 
 :data:`AUGMENTATIONS` is the registry ``config.dataset.augment`` names, applied in its order
 (LibMTL: ``("scale_crop", "hflip")``).
@@ -21,7 +22,8 @@ depth, validity masks) by nearest neighbour, so that no label takes a value it n
 
 import numpy as np
 
-BILINEAR_KEYS = ("image", "normals")
+from mtjax.tasks.base import label_keys
+
 SCALES = (1.0, 1.2, 1.5)   # LibMTL examples/nyu/create_dataset.py RandomScaleCrop
 
 
@@ -30,21 +32,25 @@ def _dense_keys(example):
   return [k for k, v in example.items() if np.ndim(v) >= 2 and np.shape(v)[:2] == hw]
 
 
-def hflip(example: dict, rng: np.random.Generator, probability: float = 0.5) -> dict:
-  """Mirrors the example left-right with ``probability``; normals' x negated, boxes mirrored."""
+def _by_tasks(name: str, out: dict, tasks, **params) -> dict:
+  """``out`` with each task's ``augment[name]`` applied to its labels present in ``out``."""
+  for task in tasks:
+    fn = (task.augment or {}).get(name)
+    keys = [k for k in label_keys(task) if k in out]
+    if fn is not None and keys:
+      out.update(fn({k: out[k] for k in keys}, **params))
+  return out
+
+
+def hflip(example: dict, rng: np.random.Generator, probability: float = 0.5,
+          tasks=()) -> dict:
+  """Mirrors the example left-right with ``probability``; then each task's ``hflip``."""
   if not rng.random() < probability:
     return example
   out = dict(example)
   for k in _dense_keys(example):
     out[k] = example[k][:, ::-1]      # a view: the batch's stacking copies it once
-  if "normals" in out:
-    out["normals"] = out["normals"] * np.array([-1.0, 1.0, 1.0], out["normals"].dtype)
-  if "boxes" in out:
-    boxes = example["boxes"]
-    real = example["box_classes"][:, None] > 0 if "box_classes" in example else True
-    mirrored = np.stack([boxes[:, 0], 1.0 - boxes[:, 3], boxes[:, 2], 1.0 - boxes[:, 1]], -1)
-    out["boxes"] = np.where(real, mirrored, boxes).astype(boxes.dtype)
-  return out
+  return _by_tasks("hflip", out, tasks)
 
 
 def _nearest_index(out_size: int, in_size: int) -> np.ndarray:
@@ -78,40 +84,31 @@ def resize_nearest(x: np.ndarray, size) -> np.ndarray:
   return x[_nearest_index(size[0], x.shape[0])][:, _nearest_index(size[1], x.shape[1])]
 
 
-def scale_crop(example: dict, rng: np.random.Generator, scales=SCALES) -> dict:
-  """The MTAN/LibMTL random scale-crop; depth divided by the scale, boxes cropped."""
+def scale_crop(example: dict, rng: np.random.Generator, scales=SCALES, tasks=()) -> dict:
+  """The MTAN/LibMTL random scale-crop; then each task's ``scale_crop``."""
   height, width = example["image"].shape[:2]
   s = scales[int(rng.integers(len(scales)))]
   h, w = int(height / s), int(width / s)
   i = int(rng.integers(0, height - h + 1))
   j = int(rng.integers(0, width - w + 1))
+  bilinear = {"image", *(k for task in tasks for k in task.bilinear_keys)}
   out = dict(example)
   for k in _dense_keys(example):
     crop = example[k][i:i + h, j:j + w]
-    resize = resize_bilinear if k in BILINEAR_KEYS else resize_nearest
+    resize = resize_bilinear if k in bilinear else resize_nearest
     out[k] = resize(crop, (height, width))
-  if "depth" in out:
-    out["depth"] = (out["depth"] / np.float32(s)).astype(example["depth"].dtype)
-  if "boxes" in out:
-    boxes = example["boxes"].astype(np.float64)
-    scale = np.array([height / h, width / w] * 2)
-    shift = np.array([i / height, j / width] * 2)
-    moved = np.clip((boxes - shift) * scale, 0.0, 1.0)
-    keep = (moved[:, 2] > moved[:, 0]) & (moved[:, 3] > moved[:, 1])
-    if "box_classes" in example:
-      keep &= example["box_classes"] > 0
-      out["box_classes"] = np.where(keep, example["box_classes"], 0).astype(
-          example["box_classes"].dtype)
-    out["boxes"] = np.where(keep[:, None], moved, 0.0).astype(example["boxes"].dtype)
-  return out
+  return _by_tasks("scale_crop", out, tasks, scale=s, crop=(i, j, h, w), size=(height, width))
 
 
 AUGMENTATIONS = {"hflip": hflip, "scale_crop": scale_crop}
 
 
-def compose(names) -> object:
-  """One ``fn(example, rng)`` applying ``names`` in order; None for no augmentation."""
-  names = tuple(names)
+def compose(names, tasks) -> object:
+  """One ``fn(example, rng)`` applying ``names`` in order, with the labels of ``tasks`` (their
+  ``augment`` rules: normals' x negated under a flip, depth divided by the scale, boxes moved;
+  required, so that no caller silently leaves them out; ``()`` moves the maps only); None for
+  no augmentation."""
+  names, tasks = tuple(names), tuple(tasks)
   unknown = [n for n in names if n not in AUGMENTATIONS]
   if unknown:
     raise ValueError(f"augment: unknown {unknown}; allowed: names from {sorted(AUGMENTATIONS)}, "
@@ -121,6 +118,6 @@ def compose(names) -> object:
 
   def transform(example, rng):
     for name in names:
-      example = AUGMENTATIONS[name](example, rng)
+      example = AUGMENTATIONS[name](example, rng, tasks=tasks)
     return example
   return transform

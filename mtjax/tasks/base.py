@@ -4,6 +4,10 @@
 ``metrics_fn(output, batch) -> {name: (sum, count)}``, sums and counts that stay exact under
 padding, masking and device sharding; ``predict_fn(output)``; and, for metrics that are not
 sums (COCO AP), an optional host-side :class:`Evaluator` fed with ``predict_fn``'s output.
+What is particular to a task's labels stays with the task: ``bilinear_keys`` and ``augment``
+say how its labels follow the image under :mod:`mtjax.data.augment` (normals flip their x,
+depth scales, boxes are cropped), ``draw`` how a prediction that is not a map is drawn in the
+prediction grid (:func:`mtjax.train.figures.prediction_grid`).
 A batch may carry ``mask`` (B,) for padded examples and ``<task>_mask`` (B,) for examples whose
 label for this task is missing: losses and metrics skip them.
 """
@@ -47,6 +51,17 @@ class Task(NamedTuple):
   higher_is_better: Mapping[str, bool]
   summarize_fn: Callable | None = None  # totals -> {metric: float}; default sum / count
   evaluator: Evaluator | None = None
+  # Label keys resampled bilinearly when an augmentation resizes (a continuous field such as
+  # normals); the others by nearest neighbour, so that no label takes a value it never had.
+  bilinear_keys: tuple[str, ...] = ()
+  # {augmentation: fn(labels, **params) -> {key: value}}: how the task's labels change beyond
+  # the image's own resampling (``labels``: its keys present in the example, already mirrored
+  # or cropped like the image where they are maps); params of ``hflip``: none; of
+  # ``scale_crop``: ``scale``, ``crop`` (i, j, h, w) and ``size`` (H, W).
+  augment: Mapping[str, Callable[..., dict]] | None = None
+  # draw(ax, target, prediction, *, image_size, offsets, class_names): draws one example's
+  # target and prediction (not maps) on the grid's cells at (y, x) ``offsets``.
+  draw: Callable[..., None] | None = None
 
 
 def label_keys(task: Task) -> tuple[str, ...]:

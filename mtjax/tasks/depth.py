@@ -1,6 +1,7 @@
 """Depth estimation: L1 on valid pixels; absolute and relative error (Liu et al., 2019, MTAN)."""
 
 import jax.numpy as jnp
+import numpy as np
 
 from mtjax.models.heads import DenseHead
 from mtjax.tasks.base import Task, example_mask, masked_mean
@@ -25,6 +26,13 @@ def metrics_fn(output, batch):
   return {"abs_err": (jnp.sum(err), count), "rel_err": (jnp.sum(rel), count)}
 
 
+def scale_crop(labels, *, scale, **_):
+  """Depth under a scale-crop by ``scale``: divided by it, the scene seen ``scale`` times
+  closer (MTAN / LibMTL's RandomScaleCrop)."""
+  depth = labels["depth"]
+  return {"depth": (depth / np.float32(scale)).astype(depth.dtype)}
+
+
 def predict_fn(output):
   return output[..., 0]
 
@@ -32,6 +40,7 @@ def predict_fn(output):
 def task() -> Task:
   return Task(
       name="depth",
+      augment={"scale_crop": scale_crop},
       head=lambda **kw: DenseHead(1, **kw),
       loss_fn=loss_fn,
       metrics_fn=metrics_fn,

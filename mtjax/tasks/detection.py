@@ -518,6 +518,47 @@ def evaluator(num_classes: int, evaluation: str = "coco") -> Evaluator:
                    check=coco_library)
 
 
+def hflip(labels, **_):
+  """Boxes mirrored left-right (``x -> 1 - x``, the corners swapped); padding rows (class 0)
+  kept."""
+  boxes = labels["boxes"]
+  real = labels["box_classes"][:, None] > 0 if "box_classes" in labels else True
+  mirrored = np.stack([boxes[:, 0], 1.0 - boxes[:, 3], boxes[:, 2], 1.0 - boxes[:, 1]], -1)
+  return {"boxes": np.where(real, mirrored, boxes).astype(boxes.dtype)}
+
+
+def scale_crop(labels, *, crop, size, **_):
+  """Boxes under a crop ``(i, j, h, w)`` of an image of ``size`` resized back to ``size``:
+  moved and clipped to the crop; a box left empty becomes padding (class 0, zeros)."""
+  (height, width), (i, j, h, w) = size, crop
+  boxes = labels["boxes"].astype(np.float64)
+  scale = np.array([height / h, width / w] * 2)
+  shift = np.array([i / height, j / width] * 2)
+  moved = np.clip((boxes - shift) * scale, 0.0, 1.0)
+  keep = (moved[:, 2] > moved[:, 0]) & (moved[:, 3] > moved[:, 1])
+  out = {}
+  if "box_classes" in labels:
+    keep &= labels["box_classes"] > 0
+    out["box_classes"] = np.where(keep, labels["box_classes"], 0).astype(
+        labels["box_classes"].dtype)
+  out["boxes"] = np.where(keep[:, None], moved, 0.0).astype(labels["boxes"].dtype)
+  return out
+
+
+def draw(ax, target, prediction, *, image_size, offsets, class_names, num_classes: int):
+  """One example's boxes on the prediction grid: the ground truth (``boxes``,
+  ``box_classes``) on the cell at ``offsets[0]``, the detections scoring at least 0.3 with
+  class and score on ``offsets[1]`` (:func:`mtjax.tasks.detection_plot.draw_boxes`);
+  ``class_names``: the dataset's (:func:`~mtjax.tasks.detection_plot.class_names_of`)."""
+  from mtjax.tasks import detection_plot
+  names = detection_plot.class_names_of(class_names, num_classes)
+  detection_plot.draw_boxes(ax, target["boxes"], target["box_classes"], image_size,
+                            class_names=names, offset=offsets[0])
+  detection_plot.draw_boxes(ax, prediction["boxes"], prediction["classes"], image_size,
+                            scores=prediction["scores"], valid=prediction["valid"],
+                            class_names=names, offset=offsets[1])
+
+
 def task(num_classes: int | None = None, max_boxes: int | None = None,
          center_sampling: float = CENTER_SAMPLING, ignore_regions: bool = False,
          evaluation: str = "coco") -> Task:
@@ -549,4 +590,6 @@ def task(num_classes: int | None = None, max_boxes: int | None = None,
       label_spec=label_spec,
       higher_is_better=higher,
       evaluator=metrics,
+      augment={"hflip": hflip, "scale_crop": scale_crop},
+      draw=functools.partial(draw, num_classes=classes),
   )

@@ -67,6 +67,12 @@ def summarize(totals):
   return out
 
 
+def hflip(labels, **_):
+  """Mirrored normals: the x component negated (camera x points right)."""
+  normals = labels["normals"]
+  return {"normals": normals * np.array([-1.0, 1.0, 1.0], normals.dtype)}
+
+
 def predict_fn(output):
   return _unit(output)
 
@@ -74,6 +80,8 @@ def predict_fn(output):
 def task() -> Task:
   return Task(
       name="normals",
+      bilinear_keys=("normals",),
+      augment={"hflip": hflip},
       head=lambda **kw: DenseHead(3, **kw),
       loss_fn=loss_fn,
       metrics_fn=metrics_fn,

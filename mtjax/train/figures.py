@@ -3,8 +3,8 @@
 * :func:`prediction_grid`: a few validation images, each task's ground truth and prediction
   side by side (segmentation as class colours, a scalar map such as depth in one colour scale
   shared by target and prediction, a 3-vector map such as normals as RGB ``(n + 1) / 2``;
-  detection as boxes labelled with class (and score) over the image, with the segmentation
-  blended in when the run has one: :mod:`mtjax.tasks.detection_plot`).
+  a prediction that is not a map (a mapping, such as detections) drawn by its task's ``draw``
+  over the image, with the run's first class map blended in).
 * :func:`plot_curves`: training losses, task weights, the gradient-conflict fraction, and one
   panel per validation metric.
 * :func:`relation_heatmaps`: every (T, T) matrix of the log (``conflict/cosine``,
@@ -70,18 +70,13 @@ def map_kind(prediction) -> str | None:
   return None
 
 
-def is_detection(prediction) -> bool:
-  """Whether a task's predictions are detections: a mapping with ``boxes`` (the detection
-  task's ``predict_fn``: ``boxes``, ``classes``, ``scores``, ``valid``)."""
-  return isinstance(prediction, Mapping) and "boxes" in prediction
-
-
 def _shown(targets: dict, predictions: dict) -> list[tuple[str, str]]:
   """``(task, kind)`` of the tasks the grid shows, in order: maps (``classes``, ``scalar``,
-  ``vector``) and ``detection``; tasks without a target or of another output are left out."""
+  ``vector``) and ``drawn`` (a prediction that is a mapping, drawn by its task); tasks without
+  a target or of another output are left out."""
   shown = []
   for name, pred in predictions.items():
-    kind = "detection" if is_detection(pred) else map_kind(pred[0])
+    kind = "drawn" if isinstance(pred, Mapping) else map_kind(pred[0])
     if kind is not None and name in targets:
       shown.append((name, kind))
   return shown
@@ -99,25 +94,25 @@ def overlay(image, segmentation, num_classes: int) -> np.ndarray:
   return np.where(shown, 0.55 * image + 0.45 * colours, image)
 
 
-def grid_image(images, targets: dict, predictions: dict, num_classes: dict,
-               segmentation: str = "segmentation") -> np.ndarray:
+def grid_image(images, targets: dict, predictions: dict, num_classes: dict) -> np.ndarray:
   """The prediction grid as one (rows·H, cols·W, 3) array: a row per example, the image then
-  each shown task's target and prediction (tasks whose outputs are not maps or detections are
-  left out). A detection task's two cells are the image with the ``segmentation`` task's
-  target and prediction blended over it (the plain image without that task); its boxes are
-  drawn by :func:`prediction_grid`."""
+  each shown task's target and prediction (tasks whose outputs are neither maps nor mappings
+  are left out). A ``drawn`` task's two cells are the image with the first class map's target
+  and prediction blended over it (the plain image without one); its task draws on them in
+  :func:`prediction_grid`."""
   images = np.asarray(images, np.float32)
   lo, hi = float(images.min()), float(images.max())
   shown = _shown(targets, predictions)
+  class_map = next((name for name, kind in shown if kind == "classes"), None)
   rows = []
   for n in range(images.shape[0]):
     image = (images[n] - lo) / max(hi - lo, 1e-8)
     cells = [image]
     for name, kind in shown:
       pred = predictions[name]
-      if kind == "detection":
-        k = num_classes.get(segmentation, 0)
-        for seg in (targets.get(segmentation), predictions.get(segmentation)):
+      if kind == "drawn":
+        k = num_classes.get(class_map, 0)
+        for seg in (targets.get(class_map), predictions.get(class_map)):
           cells.append(overlay(image, None if seg is None else seg[n], k))
         continue
       target = np.asarray(targets[name][n])
@@ -134,15 +129,20 @@ def grid_image(images, targets: dict, predictions: dict, num_classes: dict,
   return np.concatenate(rows, axis=0)
 
 
-def prediction_grid(path: str, images, targets: dict, predictions: dict, num_classes: dict,
-                    title: str = "", class_names: dict | None = None) -> np.ndarray:
-  """Writes the grid of :func:`grid_image` to ``path`` with column titles, and each detection
-  task's boxes on its cells (ground truth: ``targets[task]`` ``{"boxes", "box_classes"}``;
-  prediction: ``class score`` of the detections scoring at least 0.3); returns the written
-  image as an (H, W, 3) array in [0, 1]. ``class_names``: ``{task: names}``, ``names[c]`` the
-  name of class ``c`` (default: the class id)."""
-  from mtjax.tasks import detection_plot
+def _example(values, n: int):
+  """Example ``n`` of a batch of arrays or of a mapping of them."""
+  if isinstance(values, Mapping):
+    return {k: v[n] for k, v in values.items()}
+  return values[n]
 
+
+def prediction_grid(path: str, images, targets: dict, predictions: dict, num_classes: dict,
+                    title: str = "", class_names: dict | None = None,
+                    draw: dict | None = None) -> np.ndarray:
+  """Writes the grid of :func:`grid_image` to ``path`` with column titles, each ``drawn``
+  task drawing its target and prediction on its two cells (``draw``: ``{task: the task's
+  draw}``, :class:`mtjax.tasks.base.Task`); returns the written image as an (H, W, 3) array in
+  [0, 1]. ``class_names``: ``{task: the dataset's class names}`` handed to ``draw``."""
   plt = _pyplot()
   grid = grid_image(images, targets, predictions, num_classes)
   shown = _shown(targets, predictions)
@@ -154,18 +154,14 @@ def prediction_grid(path: str, images, targets: dict, predictions: dict, num_cla
                                   grid.shape[0] * scale + 0.6))
   ax.imshow(grid, interpolation="nearest")
   for col, (name, kind) in enumerate(shown):
-    if kind != "detection":
+    if kind != "drawn" or name not in (draw or {}):
       continue
-    names = (class_names or {}).get(name)
-    truth, pred = targets[name], predictions[name]
     for n in range(grid.shape[0] // height):
       at = n * height
-      detection_plot.draw_boxes(ax, truth["boxes"][n], truth["box_classes"][n],
-                                (height, width), class_names=names,
-                                offset=(at, (2 * col + 1) * width))
-      detection_plot.draw_boxes(ax, pred["boxes"][n], pred["classes"][n], (height, width),
-                                scores=pred["scores"][n], valid=pred["valid"][n],
-                                class_names=names, offset=(at, (2 * col + 2) * width))
+      draw[name](ax, _example(targets[name], n), _example(predictions[name], n),
+                 image_size=(height, width),
+                 offsets=((at, (2 * col + 1) * width), (at, (2 * col + 2) * width)),
+                 class_names=(class_names or {}).get(name))
   ax.set_xlim(-0.5, grid.shape[1] - 0.5)   # labels near an edge do not widen the axes
   ax.set_ylim(grid.shape[0] - 0.5, -0.5)
   ax.set_xticks([(i + 0.5) * width for i in range(len(columns))])

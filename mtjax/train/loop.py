@@ -20,7 +20,6 @@ from mtjax import checkpoint, metrics, relations, runtime
 from mtjax.data import pipeline
 from mtjax.errors import RunError, UserError
 from mtjax.models import pretrained
-from mtjax.tasks import detection_plot
 from mtjax.train import figures, setup, sinks
 from mtjax.train import inputs as inputs_lib
 from mtjax.train import mesh as mesh_lib
@@ -264,7 +263,7 @@ def _device_batch(batch, mesh):
 def prediction_shower(run: setup.Run, trainer, val_split, out: sinks.Sinks | None = None):
   """``show(state, step)``: writes ``predictions/step_<step>.png`` (the first
   ``config.prediction_images`` validation examples, each task's target and prediction, a
-  detection task's boxes with class and score; see
+  task with a ``draw`` drawing its own (a detection task's boxes with class and score); see
   :func:`mtjax.train.figures.prediction_grid`) and hands it to TensorBoard; a no-op at 0 or on
   a process that writes no files. The predictions are the evaluation's outputs
   (``trainer.predict``)."""
@@ -274,15 +273,13 @@ def prediction_shower(run: setup.Run, trainer, val_split, out: sinks.Sinks | Non
     return lambda state, step: None
   tasks, size = run.experiment.tasks, tuple(run.inputs.image_size)
   num_classes = run.inputs.num_classes
-  targets, class_names = {}, {}
+  targets, draw = {}, {}
   for name, task in tasks.items():
     if not np.any(examples.get(f"{name}_mask", np.ones(n))[:n]):
       continue  # masked out of these examples (several datasets)
     keys = [k for k in task.label_spec(size) if k in examples]
-    if "boxes" in keys:   # detection: the boxes and their classes
-      targets[name] = {k: examples[k][:n] for k in keys}
-      class_names[name] = detection_plot.class_names_of(run.inputs.class_names[name],
-                                                        num_classes[name])
+    if task.draw is not None:   # drawn by the task: all its labels
+      targets[name], draw[name] = {k: examples[k][:n] for k in keys}, task.draw
     elif keys and keys[0] == next(iter(task.label_spec(size))):
       targets[name] = examples[keys[0]][:n]
   images = examples["image"][:n]
@@ -294,7 +291,8 @@ def prediction_shower(run: setup.Run, trainer, val_split, out: sinks.Sinks | Non
     os.makedirs(folder, exist_ok=True)
     grid = figures.prediction_grid(
         os.path.join(folder, f"step_{step}.png"), images, targets, predictions, num_classes,
-        title=f"validation examples, step {step}", class_names=class_names)
+        title=f"validation examples, step {step}", class_names=run.inputs.class_names,
+        draw=draw)
     if out is not None:
       out.image("predictions", grid, step)
   return show

@@ -270,13 +270,14 @@ def entries(cfg) -> tuple:
                for key, e in config_lib.dataset_entries(cfg).items())
 
 
-def inputs(cfg) -> Inputs:
-  """The run's :class:`Inputs`: the datasets, their augmentations and the loader, checked."""
+def inputs(cfg, tasks) -> Inputs:
+  """The run's :class:`Inputs`: the datasets, their augmentations (which transform the labels
+  of ``tasks``, ``{name: Task}``) and the loader, checked."""
   found = entries(cfg)
   transforms = []
   for entry in found:
     with building(f"{entry.field}.augment"):
-      transforms.append(augment.compose(entry.augment))
+      transforms.append(augment.compose(entry.augment, tasks.values()))
   loader = cfg.dataset.get("loader", "threads")
   with building("dataset.loader"):
     if loader not in pipeline.LOADERS:
@@ -329,7 +330,7 @@ def resolve(cfg) -> Run:
   with building():
     trainer_lib.check_options(exp.model, exp.method, options, mesh)
   check_method_state(exp, options)
-  found = inputs(cfg)
+  found = inputs(cfg, exp.tasks)
   return Run(
       experiment=exp, mesh=mesh, inputs=found, step_options=options, periods=periods(cfg),
       seed=cfg.seed, method_name=cfg.weighting.name, nonfinite=options.nonfinite,

@@ -48,7 +48,7 @@ def test_order_is_a_pure_function_of_seed_and_epoch():
 
 def test_resume_mid_epoch_gives_the_uninterrupted_batches():
   src = _source(10)
-  transform = augment.compose(("scale_crop", "hflip"))
+  transform = augment.compose(("scale_crop", "hflip"), ())
   kw = dict(seed=5, batch_size=4, transform=transform)
   full = list(pipeline.batches(src, start=0, stop=7, num_workers=2, **kw))
   cut = 3                                                      # epoch 1, batch 1 (2 per epoch)
@@ -126,7 +126,7 @@ def test_select_keeps_the_task_keys_and_the_optional_masks():
 
 def test_grain_reads_the_same_batches():
   src = _source(10)
-  kw = dict(seed=5, start=2, stop=7, batch_size=4, transform=augment.compose(("hflip",)))
+  kw = dict(seed=5, start=2, stop=7, batch_size=4, transform=augment.compose(("hflip",), ()))
   ref = list(pipeline.batches(src, **kw))
   got = list(pipeline.batches(src, loader="grain", num_workers=2, **kw))
   assert [s for s, _ in got] == list(range(2, 7))
@@ -140,7 +140,7 @@ def test_grain_reads_the_same_batches():
 def test_grain_worker_processes_read_the_same_batches():
   # One worker process (spawned: it imports mtjax and this module), three augmented batches.
   src = _source(10)
-  kw = dict(seed=5, start=2, stop=5, batch_size=4, transform=augment.compose(("hflip",)))
+  kw = dict(seed=5, start=2, stop=5, batch_size=4, transform=augment.compose(("hflip",), ()))
   got = list(pipeline.batches(src, loader="grain_processes", num_workers=1, **kw))
   assert [s for s, _ in got] == [2, 3, 4]
   for (_, a), (_, b) in zip(pipeline.batches(src, **kw), got, strict=True):

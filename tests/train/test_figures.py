@@ -1,10 +1,12 @@
 """What a run shows, rendered on the host: prediction grid, curve panels, heatmaps, TensorBoard."""
 
+import functools
 import json
 
 import numpy as np
 import pytest
 
+from mtjax.tasks import detection
 from mtjax.train import figures
 
 NAMES = ("segmentation", "depth", "normals")
@@ -63,7 +65,9 @@ def test_grid_draws_detections_over_the_segmentation(tmp_path, monkeypatch):
       (k["offset"], draw(*a, **k))) or calls[-1][1])
   names = ("background", "sphere", "cube", "cone")
   pixels = figures.prediction_grid(str(tmp_path / "grid.png"), images, targets, predictions,
-                                   {"segmentation": 3}, class_names={"detection": names})
+                                   {"segmentation": 3}, class_names={"detection": names},
+                                   draw={"detection": functools.partial(detection.draw,
+                                                                        num_classes=3)})
   assert (tmp_path / "grid.png").exists() and pixels.ndim == 3 and pixels.shape[-1] == 3
   # Per row: the truth's real boxes in column 1, the valid detections of score >= 0.3 in 2.
   assert calls == [((0, w), 1), ((0, 2 * w), 1), ((h, w), 2), ((h, 2 * w), 1)]

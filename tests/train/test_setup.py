@@ -52,6 +52,8 @@ CASES = [
      "config.dataset.image_size: SegNet-MTAN max-pools 5 times by 2"),
     ("pretrained file of another format", {"model.pretrained": "w.bin"},
      "config.model.pretrained: 'w.bin'"),
+    ("baseline of a task the dataset does not label", {"baselines": {"nope": {"miou": 0.5}}},
+     "config.baselines.nope: got 'nope'; expected a task of the dataset's"),
     ("fixed weighting with the wrong number of weights",
      {"method": "fixed", "weighting.weights": (1.0, 2.0)},
      "config.weighting: fixed: 'weights' has 2 entries, expected one per task (3)"),
@@ -90,6 +92,16 @@ def test_bad_inputs_are_one_config_error_before_anything_compiles(tmp_path, case
   assert "\n" not in str(error.value)
   assert compiled == [], case
   assert not (tmp_path / "data").exists()   # no data read or built either
+
+
+def test_a_baseline_of_a_task_the_run_does_not_train_is_not_an_error(tmp_path):
+  """A single-task row runs under its multi-task config, whose baselines name every task."""
+  cfg = _config(tmp_path / "data", {"tasks": ("segmentation",), "baselines": {
+      "segmentation": {"miou": 0.5}, "depth": {"abs_err": 0.4}}})
+  config_lib.validate(cfg)
+  with pytest.raises(UserError, match=r"config.baselines.depth.miou: got 'miou'"):
+    config_lib.validate(_config(tmp_path / "data", {"tasks": ("segmentation",), "baselines": {
+        "depth": {"miou": 0.5}}}))
 
 
 def test_the_plan_resolves_the_default_experiment_once(tmp_path):
