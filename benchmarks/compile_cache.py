@@ -18,6 +18,7 @@ import sys
 import tempfile
 
 from benchmarks.gpu_smoke import cli_run
+from benchmarks.step_time import write_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HIT = "/jax/compilation_cache/cache_retrieval_time_sec"
@@ -64,11 +65,7 @@ def main(argv=None):
   text = "\n".join(lines)
   print(text)
   if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-      json.dump(result, f, indent=2)
-    with open(args.out + ".md", "w") as f:
-      f.write(text + "\n")
+    write_result(args.out, result, text + "\n")
   return result
 
 

@@ -38,6 +38,7 @@ import jax
 import numpy as np
 
 from benchmarks import memory_plan
+from benchmarks.step_time import write_result
 from mtjax import weighting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -256,11 +257,7 @@ def main(argv=None):
   text = markdown(info, rows)
   print(text)
   if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-      json.dump({"info": info, "rows": rows}, f, indent=2)
-    with open(args.out + ".md", "w") as f:
-      f.write(text + "\n")
+    write_result(args.out, {"info": info, "rows": rows}, text + "\n")
   return rows
 
 

@@ -31,6 +31,8 @@ import tempfile
 
 import numpy as np
 
+from benchmarks.step_time import write_result
+
 SPLITS = {"train": 4000, "validation": 500, "test": 500}
 
 
@@ -120,11 +122,7 @@ def main(argv=None):
   text = "\n".join(lines)
   print(text)
   if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-      json.dump(result, f, indent=2)
-    with open(args.out + ".md", "w") as f:
-      f.write(text + "\n")
+    write_result(args.out, result, text + "\n")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks.step_time import write_result
 from mtjax import config as config_lib
 from mtjax import models, weighting
 from mtjax import tasks as tasks_lib
@@ -184,11 +185,7 @@ def main(argv=None):
   text = markdown(result)
   print(text)
   if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-      json.dump(result, f, indent=2)
-    with open(args.out + ".md", "w") as f:
-      f.write(text + "\n")
+    write_result(args.out, result, text + "\n")
   return result
 
 
