@@ -26,8 +26,6 @@ source line:
 docs/protocols.md ("SegNet-MTAN") lists what is shown equal and by which test.
 """
 
-import ml_collections
-
 from mtjax import config as config_lib
 
 TRAIN_IMAGES = 2975
@@ -38,20 +36,12 @@ STEP_EPOCHS = 100
 
 
 def get_config(arg=None):
-  config = config_lib.sibling_config(__file__, "shapes.py", arg)
+  """``nyuv2_segnet_mtan.py`` (same model, optimizer, schedule, augmentation) on Cityscapes."""
+  config = config_lib.sibling_config(__file__, "nyuv2_segnet_mtan.py", arg)
   config.dataset.name = "cityscapes"
   config.dataset.image_size = (128, 256)
-  config.dataset.augment = ("scale_crop", "hflip")
-  config.dataset.num_workers = 4
-  config.dataset.loader = "threads"
   config.tasks = ("segmentation", "depth")
-  config.model = config_lib.model_config(
-      "segnet_mtan", backbone="segnet", width=64, output_stride=32, stem="imagenet",
-      head_hidden=64, dtype="float32", pretrained="")   # a LibMTL model file (best.pt)
-  config.optimizer = ml_collections.ConfigDict({
-      "name": "adam", "learning_rate": 1e-4, "schedule": "step",
-      "step_size": STEP_EPOCHS * STEPS_PER_EPOCH, "gamma": 0.5, "warmup_steps": 0,
-      "momentum": 0.9, "weight_decay": 0.0, "grad_clip": 0.0, "lr_scale": (), "frozen": ()})
+  config.optimizer.step_size = STEP_EPOCHS * STEPS_PER_EPOCH
   config.batch_size = BATCH
   config.eval_batch_size = BATCH
   config.num_steps = EPOCHS * STEPS_PER_EPOCH
